@@ -1,0 +1,91 @@
+"""Write the Flax model back as a Hugging Face Qwen2-VL directory (hub key layout, safetensors),
+so transformers and `Embedder.from_pretrained` load it as they load the original."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from vlm2vec_jax.models.qwen2_vl.checkpoint_keys import checkpoint_rules
+from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.qwen2_vl.safetensors_files import INDEX_FILE, SINGLE_FILE, checkpoint_files, iter_tensors
+
+log = logging.getLogger(__name__)
+
+# Everything but weights and config that a model directory carries: tokenizer, image processor.
+SIDECAR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json",
+)
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def _hf_tensors(model: Qwen2VL) -> dict[str, np.ndarray]:
+    """Every HF tensor of the model, split out of our (fused, stacked, transposed) leaves."""
+    state = nnx.state(model, nnx.Param)
+    leaves = {tuple(path): var.value for path, var in state.flat_state()}
+    tensors: dict[str, np.ndarray] = {}
+    for rule in checkpoint_rules(model.config):
+        leaf = np.asarray(jax.device_get(leaves[rule.path]))
+        for key, shape, layer, part in rule.hf_keys():
+            value = leaf if layer is None else leaf[layer]
+            if len(rule.parts) > 1:
+                start = rule.part_offset(part)
+                value = value[..., start : start + rule.part_width(part)]
+            tensors[key] = np.ascontiguousarray(value.T.reshape(shape) if rule.is_kernel else value)
+    return tensors
+
+
+def _source_lm_head(source_dir: Path | None) -> np.ndarray | None:
+    if source_dir is None:
+        return None
+    for file in checkpoint_files(source_dir):
+        for name, tensor in iter_tensors(file):
+            if name == "lm_head.weight":
+                return np.array(tensor)
+    return None
+
+
+def save_pretrained(model: Qwen2VL, out_dir: str | Path, *, source_dir: str | Path | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write config.json, safetensors (sharded above `shard_bytes`, with an index) and the source
+    directory's tokenizer and preprocessor files. An untied LM head is copied from `source_dir`;
+    without one the export is marked tied (the head is unused for embeddings)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source_dir = Path(source_dir) if source_dir is not None else None
+    config = model.config.to_hf_dict()
+    tensors = _hf_tensors(model)
+    if not config["tie_word_embeddings"]:
+        lm_head = _source_lm_head(source_dir)
+        if lm_head is None:
+            log.warning("untied LM head not found in %s: exporting with tie_word_embeddings=true", source_dir)
+            config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+        else:
+            tensors["lm_head.weight"] = lm_head.astype(tensors["model.embed_tokens.weight"].dtype)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        if shards[-1] and size + value.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, out_dir / name, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(v.nbytes for v in tensors.values())
+        (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if source_dir is not None:
+        for name in SIDECAR_FILES:
+            if (source_dir / name).is_file() and source_dir.resolve() != out_dir.resolve():
+                shutil.copy2(source_dir / name, out_dir / name)
+    return out_dir

@@ -1,0 +1,109 @@
+"""Load a local Hugging Face Qwen2-VL directory into the Flax model, streamed tensor by tensor.
+
+The model is built abstractly (no memory), each checkpoint tensor is memory-mapped, converted to the
+parameter dtype and written straight into its slot of the stacked leaf, and a finished leaf goes to
+the device before its host buffer is dropped: peak memory stays near one copy of the parameters.
+"""
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlm2vec_jax.models.qwen2_vl.checkpoint_keys import IGNORED_KEYS, Path as LeafPath, TensorRule, canonical_key, checkpoint_rules
+from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.qwen2_vl.safetensors_files import CheckpointError, checkpoint_files, iter_tensors
+
+ShardingFor = Callable[[LeafPath], jax.sharding.Sharding | None]
+
+
+def _show(keys: list[str], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _nested(flat: Mapping[LeafPath, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _read_into_buffers(directory: Path, config: Qwen2VLConfig, leaf_shapes: Mapping[LeafPath, tuple[int, ...]]) -> dict[LeafPath, np.ndarray]:
+    """Fill one host buffer per leaf from the checkpoint, checking every name and shape."""
+    sources: dict[str, tuple[TensorRule, tuple[int, ...], int | None, int]] = {
+        key: (rule, shape, layer, part) for rule in checkpoint_rules(config) for key, shape, layer, part in rule.hf_keys()
+    }
+    dtype = config.parameter_dtype
+    buffers: dict[LeafPath, np.ndarray] = {}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for file in checkpoint_files(directory):
+        for name, tensor in iter_tensors(file):
+            key = canonical_key(name)
+            if key not in sources:
+                if not IGNORED_KEYS.search(key):
+                    unexpected.append(f"{name} ({file.name})")
+                continue
+            rule, shape, layer, part = sources[key]
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(
+                    f"{file}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies {shape}; "
+                    "the weights and config.json come from different models"
+                )
+            if rule.path not in buffers:
+                buffers[rule.path] = np.empty(leaf_shapes[rule.path], dtype)
+            target = buffers[rule.path] if layer is None else buffers[rule.path][layer]
+            value = tensor.reshape(shape[0], -1).T if rule.is_kernel else tensor
+            if len(rule.parts) == 1:
+                target[...] = value
+            else:
+                start = rule.part_offset(part)
+                target[..., start : start + rule.part_width(part)] = value
+            seen.add(key)
+    if unexpected:
+        raise CheckpointError(
+            f"{directory}: tensors that are not part of Qwen2-VL: {_show(unexpected)}; "
+            "is this a checkpoint of another architecture?"
+        )
+    missing = sorted(set(sources) - seen)
+    if missing:
+        raise CheckpointError(f"{directory}: {len(missing)} tensors missing from the checkpoint: {_show(missing)}")
+    return buffers
+
+
+def load_pretrained(
+    directory: str | Path,
+    *,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    remat: bool = False,
+    sharding_for: ShardingFor | None = None,
+) -> Qwen2VL:
+    """A Qwen2VL with the directory's weights. `param_dtype` (default: `dtype`) is the storage
+    dtype the tensors are converted to while loading; `sharding_for(path)` may place each leaf
+    (e.g. sharded over a mesh, on one host or many); by default leaves go to the default device."""
+    directory = Path(directory)
+    config = Qwen2VLConfig.from_pretrained_dir(directory, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+    abstract = nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    leaf_shapes = {tuple(path): tuple(var.value.shape) for path, var in abstract_state.flat_state()}
+    buffers = _read_into_buffers(directory, config, leaf_shapes)
+    arrays: dict[LeafPath, jax.Array] = {}
+    for path in list(buffers):
+        host = buffers.pop(path)
+        sharding = sharding_for(path) if sharding_for else None
+        if sharding is None:
+            arrays[path] = jnp.asarray(host)
+        else:
+            arrays[path] = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
+        del host
+    abstract_state.replace_by_pure_dict(_nested(arrays))
+    return nnx.merge(graphdef, abstract_state)

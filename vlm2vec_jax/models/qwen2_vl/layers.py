@@ -1,0 +1,81 @@
+"""Building blocks shared by the vision tower and the decoder: norms, activations, attention core,
+and stacked (scanned) layers."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2's RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def linear(din: int, dout: int, *, bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A dense layer with the kernel stored (in, out) and transformers' init scale (normal 0.02)."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention, q (B, T, N, H), k/v (B, S, K, H) with K dividing N (grouped queries),
+    boolean mask broadcastable to (B, N, T, S). Logits and softmax in float32; a fully masked row
+    gives a finite (uniform) result, never NaN, so padding rows are safe."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` layers with every parameter stacked on a leading axis, so the forward is one scan
+    (one compiled layer body, whatever the depth)."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return make_layer(layer_rngs)
+
+    return create(rngs)
+
+
+def scan_stack(stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool) -> jnp.ndarray:
+    """Run x through the stacked layers with `lax.scan`; `remat` recomputes each layer's activations
+    in the backward pass instead of storing them (memory for compute)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(carry: jnp.ndarray, layer_state: nnx.State) -> tuple[jnp.ndarray, None]:
+        return nnx.merge(graphdef, layer_state)(carry, *args), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, state)
+    return x

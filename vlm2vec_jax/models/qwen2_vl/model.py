@@ -1,0 +1,45 @@
+"""The joint Qwen2-VL model: vision tower -> merged image tokens scattered over `<|image_pad|>`
+embeddings -> decoder -> (optionally) pooled, normalised embedding.
+
+Inputs follow `vlm2vec_jax.batch.ModelInputs`; every layout decision was made on the host.
+"""
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm2vec_jax.models.pooling import l2_normalize, last_token_pool
+from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vlm2vec_jax.models.qwen2_vl.text import TextDecoder
+from vlm2vec_jax.models.qwen2_vl.vision import VisionTower
+
+
+class Qwen2VL(nnx.Module):
+    """Qwen2-VL without the LM head: what an embedding model needs."""
+
+    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        dims = dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype, remat=config.remat, rngs=rngs)
+        self.visual = VisionTower(config.vision, **dims)
+        self.language_model = TextDecoder(config.text, **dims)
+        self.config = config
+
+    def input_embeddings(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        """Token embeddings with each image_pad replaced by its merged vision token."""
+        embeds = self.language_model.embed_tokens(batch["input_ids"])
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None or pixel_values.shape[0] == 0:  # static: text-only batch
+            return embeds
+        image_tokens = self.visual(pixel_values, batch["patch_positions"], batch["patch_segment_ids"])
+        index = batch["image_token_index"]
+        gathered = jnp.take(image_tokens, jnp.maximum(index, 0), axis=0).astype(embeds.dtype)
+        return jnp.where((index >= 0)[..., None], gathered, embeds)
+
+    def hidden_states(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        """Final-layer hidden states (B, L, D) in the compute dtype."""
+        embeds = self.input_embeddings(batch)
+        return self.language_model(embeds, batch["attention_mask"], batch["position_ids"])
+
+    def __call__(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        """Unit-norm float32 embeddings (B, D): last real token of the final layer."""
+        return l2_normalize(last_token_pool(self.hidden_states(batch), batch["attention_mask"]))

@@ -1,0 +1,66 @@
+"""Reading the safetensors files of a checkpoint directory, tensor by tensor, zero-copy.
+
+safetensors' numpy reader cannot return bfloat16, the dtype most checkpoints ship in; the format
+is a JSON header followed by raw little-endian data, so a memory map with ml_dtypes reads any
+tensor without loading the file.
+"""
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing files or tensors, or holds tensors of the wrong shape."""
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a directory: the single file, or the shards its index lists."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+    elif (directory / SINGLE_FILE).is_file():
+        files = [directory / SINGLE_FILE]
+    else:
+        raise CheckpointError(
+            f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; a Hugging Face checkpoint directory holds its "
+            "weights as safetensors (convert .bin weights with transformers' save_pretrained first)"
+        )
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file} is listed in {index} but does not exist: the download is incomplete")
+    return files
+
+
+def iter_tensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, read-only memory-mapped array) for every tensor of one safetensors file."""
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        try:
+            header = json.loads(handle.read(header_len))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{file}: corrupt safetensors header ({err})") from None
+    header.pop("__metadata__", None)
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len)
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        yield name, data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])

@@ -1,0 +1,83 @@
+"""The Qwen2-VL vision tower: patch embedding, ViT blocks with 2-D rope, 2x2 patch merger.
+
+Input is packed: V rows of R patches, several whole images per row told apart by segment ids, so
+attention is block-diagonal per image without any per-image Python loop.
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm2vec_jax.models.qwen2_vl.config import VisionConfig
+from vlm2vec_jax.models.qwen2_vl.layers import activation, attention, create_stack, linear, scan_stack
+from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, vision_rope
+
+LAYER_NORM_EPS = 1e-6
+
+
+def layer_norm(dim: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class VisionBlock(nnx.Module):
+    """Pre-norm ViT block: fused qkv attention (with bias) and a two-layer MLP."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = layer_norm(cfg.embed_dim, **dims)
+        self.norm2 = layer_norm(cfg.embed_dim, **dims)
+        self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True, **dims)
+        self.proj = linear(cfg.embed_dim, cfg.embed_dim, bias=True, **dims)
+        self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, bias=True, **dims)
+        self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, bias=True, **dims)
+        self.num_heads = cfg.num_heads
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+        rows, length, dim = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(rows, length, 3, self.num_heads, dim // self.num_heads)
+        q = apply_rotary(qkv[:, :, 0], cos, sin)
+        k = apply_rotary(qkv[:, :, 1], cos, sin)
+        out = attention(q, k, qkv[:, :, 2], mask).reshape(rows, length, dim)
+        x = x + self.proj(out)
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class PatchMerger(nnx.Module):
+    """LayerNorm, then each 2x2 block of consecutive patches (block-major order) becomes one token
+    of the text width through a GELU MLP."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        merged = cfg.embed_dim * cfg.merge_units
+        self.ln_q = layer_norm(cfg.embed_dim, **dims)
+        self.fc1 = linear(merged, merged, bias=True, **dims)
+        self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **dims)
+        self.merge_units = cfg.merge_units
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        rows, length, dim = x.shape
+        x = self.ln_q(x).reshape(rows, length // self.merge_units, dim * self.merge_units)
+        return self.fc2(activation("gelu")(self.fc1(x)))
+
+
+class VisionTower(nnx.Module):
+    """Patches (V, R, patch_dim) -> merged image tokens (V * R / 4, text hidden)."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, rngs: nnx.Rngs):
+        dims = dict(dtype=dtype, param_dtype=param_dtype)
+        # Conv3d with kernel == stride over a flattened patch is exactly this matmul (no bias).
+        self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, rngs=rngs, **dims)
+        self.blocks = create_stack(lambda r: VisionBlock(cfg, rngs=r, **dims), cfg.depth, rngs)
+        self.merger = PatchMerger(cfg, rngs=rngs, **dims)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+
+    def __call__(self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+        x = self.patch_embed(pixel_values.astype(self.dtype))
+        cos, sin = vision_rope(patch_positions, self.cfg.head_dim, self.cfg.rope_theta)
+        # Block-diagonal: a patch sees the patches of its own image; padding (0) sees padding.
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        x = scan_stack(self.blocks, x, mask, cos, sin, remat=self.remat)
+        merged = self.merger(x)
+        return merged.reshape(-1, merged.shape[-1])
