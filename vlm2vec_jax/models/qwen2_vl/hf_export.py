@@ -29,7 +29,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 def _hf_tensors(model: Qwen2VL) -> dict[str, np.ndarray]:
     """Every HF tensor of the model, split out of our (fused, stacked, transposed) leaves."""
     state = nnx.state(model, nnx.Param)
-    leaves = {tuple(path): var.value for path, var in state.flat_state()}
+    leaves = {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
     tensors: dict[str, np.ndarray] = {}
     for rule in checkpoint_rules(model.config):
         leaf = np.asarray(jax.device_get(leaves[rule.path]))

@@ -94,7 +94,7 @@ def load_pretrained(
     config = Qwen2VLConfig.from_pretrained_dir(directory, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
     abstract = nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    leaf_shapes = {tuple(path): tuple(var.value.shape) for path, var in abstract_state.flat_state()}
+    leaf_shapes = {tuple(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(abstract_state)}
     buffers = _read_into_buffers(directory, config, leaf_shapes)
     arrays: dict[LeafPath, jax.Array] = {}
     for path in list(buffers):
@@ -105,5 +105,5 @@ def load_pretrained(
         else:
             arrays[path] = jax.make_array_from_callback(host.shape, sharding, lambda index, h=host: h[index])
         del host
-    abstract_state.replace_by_pure_dict(_nested(arrays))
+    nnx.replace_by_pure_dict(abstract_state, _nested(arrays))
     return nnx.merge(graphdef, abstract_state)

@@ -1,0 +1,103 @@
+"""The Flax Qwen2-VL equals transformers' PyTorch Qwen2-VL (float32, 1e-5) on the same checkpoint."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import HFReference
+from vlm2vec_jax.models.pooling import l2_normalize, last_token_pool
+from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_ckpt):
+    return HFReference(str(tiny_ckpt))
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_ckpt):
+    return load_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def forward(ours):
+    return jax.jit(lambda batch: ours.hidden_states(batch))
+
+
+# Two aspect ratios, both under max_pixels: grids [1,8,4] and [1,4,8] patches (8 merged tokens each),
+# plus a larger 4:3 one.
+IMAGES = [tiny_image(100, 60, 1), tiny_image(56, 120, 2), tiny_image(90, 120, 3)]
+
+
+def _close(mine: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> None:
+    mine, ref = np.asarray(mine), np.asarray(ref)
+    if mask is not None:
+        mine, ref = mine[mask], ref[mask]
+    assert np.abs(ref).max() > 0.5, "reference output is degenerate; the comparison would prove nothing"
+    np.testing.assert_allclose(mine, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("rows", ["packed", "per_image"])
+def test_vision_tower_matches_transformers(hf, ours, rows):
+    ref = hf.build([["x ", 0, " y ", 1, " z ", 2]], IMAGES, rows=rows)
+    with torch.no_grad():
+        expected = hf.model.model.visual(ref.hf_inputs["pixel_values"], grid_thw=ref.hf_inputs["image_grid_thw"]).pooler_output.numpy()
+    merged = ours.visual(ref.ours["pixel_values"], ref.ours["patch_positions"], ref.ours["patch_segment_ids"])
+    index = ref.ours["image_token_index"]
+    _close(np.asarray(merged)[index[index >= 0]], expected)
+
+
+SEQUENCES = {
+    "one_image": [["Represent the given image ", 0, " for classification."]],
+    "two_images_one_sequence": [["Compare ", 0, " with ", 1, " please."]],
+    "text_only": [["A photo of a dog running on the green grass in the park."]],
+    "image_only": [[2]],
+    "mixed_batch": [
+        ["Represent the given image ", 0, " for classification."],
+        ["A red car is parked next to a small white house."],
+        [1, " what color?"],
+        ["Two images ", 2, " and ", 0],
+    ],
+}
+
+
+@pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
+@pytest.mark.parametrize("name", list(SEQUENCES))
+def test_hidden_states_and_embeddings_match_transformers(hf, forward, name, left_pad):
+    ref = hf.build(SEQUENCES[name], IMAGES, left_pad=left_pad)
+    expected = hf.hidden_states(ref)
+    hidden = forward(ref.ours)
+    _close(hidden, expected, ref.mask)
+    pooled = l2_normalize(last_token_pool(hidden, ref.ours["attention_mask"]))
+    last = ref.mask.shape[1] - 1 - np.argmax(ref.mask[:, ::-1], axis=1)
+    ref_pooled = torch.nn.functional.normalize(torch.tensor(expected[np.arange(len(last)), last]), dim=-1).numpy()
+    np.testing.assert_allclose(np.asarray(pooled), ref_pooled, atol=ATOL, rtol=0)
+
+
+def test_legacy_positions_match_transformers_given_the_same_positions(hf, forward):
+    """VLM2Vec's rule: with no <|vision_start|>, image tokens get plain sequential positions."""
+    ref = hf.build(SEQUENCES["mixed_batch"], IMAGES)
+    sequential = np.where(ref.mask, np.cumsum(ref.mask, axis=1) - 1, 0).astype(np.int32)
+    legacy = np.broadcast_to(sequential, (3, *sequential.shape)).copy()
+    assert not np.array_equal(legacy, ref.ours["position_ids"]), "the two rules must differ on this batch"
+    expected = hf.hidden_states(ref, position_ids=torch.tensor(legacy, dtype=torch.long))
+    _close(forward({**ref.ours, "position_ids": legacy}), expected, ref.mask)
+
+
+def test_remat_changes_nothing(tiny_ckpt, hf, forward):
+    ref = hf.build(SEQUENCES["one_image"], IMAGES[:1])
+    rematted = load_pretrained(tiny_ckpt, remat=True)
+    np.testing.assert_array_equal(np.asarray(jax.jit(rematted.hidden_states)(ref.ours)), np.asarray(forward(ref.ours)))
+
+
+def test_bfloat16_compute_stays_close(tiny_ckpt, hf):
+    ref = hf.build(SEQUENCES["mixed_batch"], IMAGES)
+    expected = hf.hidden_states(ref)
+    bf16 = load_pretrained(tiny_ckpt, dtype="bfloat16")
+    hidden = np.asarray(jax.jit(bf16.hidden_states)(ref.ours)).astype(np.float32)
+    cos = np.sum(hidden * expected, -1) / (np.linalg.norm(hidden, axis=-1) * np.linalg.norm(expected, axis=-1))
+    assert hidden.dtype == np.float32 and cos[ref.mask].min() > 0.99
