@@ -93,3 +93,22 @@ def _vision_rows(pixel_values: np.ndarray, grids: torch.Tensor, rows: str) -> tu
         out["patch_segment_ids"][i, :n] = 1
         start += n
     return out, np.concatenate([i * (width // 4) + np.arange(n // 4) for i, n in enumerate(sizes)])
+
+
+def hf_embedding(hf: HFReference, text: str, images: list[np.ndarray]) -> np.ndarray:
+    """transformers' own path for one item: tokenizer, image processor, each `<|image_pad|>`
+    repeated per merged token, M-RoPE from `mm_token_type_ids`, last token, L2 norm."""
+    image_id = hf.config.image_token_id
+    ids = hf.tokenizer(text, add_special_tokens=False)["input_ids"]
+    kwargs = {}
+    if images:
+        processed = hf.image_processor(images=images, return_tensors="pt")
+        counts = iter(int(g.prod()) // 4 for g in processed["image_grid_thw"])
+        ids = [t for i in ids for t in ([i] * next(counts) if i == image_id else [i])]
+        kwargs = dict(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        hidden = hf.model.model(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=(input_ids == image_id).long(), **kwargs
+        ).last_hidden_state
+    return torch.nn.functional.normalize(hidden[0, -1], dim=-1).numpy()

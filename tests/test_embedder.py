@@ -1,0 +1,105 @@
+"""Embedder.encode equals transformers' own pipeline item by item, and is independent of batching."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_reference import HFReference, hf_embedding
+from vlm2vec_jax import Embedder
+from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
+
+ATOL = 1e-5
+IMG_A, IMG_B, IMG_C = tiny_image(100, 60, 1), tiny_image(56, 120, 2), tiny_image(20, 200, 3)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_ckpt):
+    return HFReference(str(tiny_ckpt))
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_ckpt):
+    return Embedder.from_pretrained(tiny_ckpt)
+
+
+# (our item, the text transformers sees, its images)
+CASES = [
+    ("A photo of a dog running on the green grass.", "A photo of a dog running on the green grass.", []),
+    ({"image": IMG_A}, "<|image_pad|>", [IMG_A]),
+    ({"image": IMG_A, "text": "Represent the given image for classification."}, "<|image_pad|>\nRepresent the given image for classification.", [IMG_A]),
+    ({"image": IMG_B, "text": "<|image_1|>\nWhat color is the bus?"}, "<|image_pad|>\nWhat color is the bus?", [IMG_B]),
+    ({"image": [IMG_A, IMG_B], "text": "Compare <|image_pad|> with <|image_pad|> please."}, "Compare <|image_pad|> with <|image_pad|> please.", [IMG_A, IMG_B]),
+    # under 28 px on a side: VLM2Vec resizes to 56x56 first
+    ({"image": IMG_C, "text": "<|image_pad|> tiny"}, "<|image_pad|> tiny", [np.asarray(Image.fromarray(IMG_C).resize((56, 56), Image.Resampling.BICUBIC))]),
+]
+
+
+@pytest.fixture(scope="module")
+def expected(hf):
+    return np.stack([hf_embedding(hf, text, images) for _, text, images in CASES])
+
+
+def test_encode_matches_transformers(embedder, expected):
+    vectors = embedder.encode([item for item, _, _ in CASES], batch_size=4)
+    assert vectors.shape == (len(CASES), embedder.dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(vectors, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 8])
+def test_vector_does_not_depend_on_batch(embedder, expected, batch_size):
+    items = [item for item, _, _ in CASES]
+    order = np.random.default_rng(batch_size).permutation(len(items))
+    shuffled = embedder.encode([items[i] for i in order], batch_size=batch_size)
+    np.testing.assert_allclose(shuffled, expected[order], atol=ATOL, rtol=0)
+
+
+def test_left_padding_gives_the_same_vectors(tiny_ckpt, expected):
+    left = Embedder.from_pretrained(tiny_ckpt, padding_side="left")
+    np.testing.assert_allclose(left.encode([item for item, _, _ in CASES], batch_size=3), expected, atol=ATOL, rtol=0)
+
+
+def test_legacy_rule_differs_only_for_images(tiny_ckpt, embedder):
+    legacy = Embedder.from_pretrained(tiny_ckpt, position_rule="legacy")
+    text, image = CASES[0][0], CASES[2][0]
+    np.testing.assert_allclose(legacy.encode([text]), embedder.encode([text]), atol=ATOL)
+    assert np.abs(legacy.encode([image]) - embedder.encode([image])).max() > 1e-3
+    # with <|vision_start|> before the pads both rules agree
+    framed = {"image": IMG_A, "text": "<|vision_start|><|image_pad|><|vision_end|>Describe."}
+    np.testing.assert_allclose(legacy.encode([framed]), embedder.encode([framed]), atol=ATOL)
+
+
+def test_bfloat16_embedder_is_close_to_float32(tiny_ckpt, expected):
+    bf16 = Embedder.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    vectors = bf16.encode([item for item, _, _ in CASES])
+    assert vectors.dtype == np.float32
+    assert np.min(np.sum(vectors * expected, axis=1)) > 0.98
+
+
+def test_truncation_keeps_image_tokens(tiny_ckpt, hf):
+    short = Embedder.from_pretrained(tiny_ckpt, max_len=12)
+    item = {"image": IMG_B, "text": "Represent the given image with the following question: what is in it?"}
+    n_image = 8  # IMG_B is 56x120 -> 4x8 patches -> 8 merged tokens
+    kept_text = hf.tokenizer.decode(hf.tokenizer("<|image_pad|>\n" + item["text"], add_special_tokens=False)["input_ids"][1 : 12 - n_image + 1])
+    np.testing.assert_allclose(short.encode([item])[0], hf_embedding(hf, "<|image_pad|>" + kept_text, [IMG_B]), atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ({"text": ""}, "item 0: has neither text nor image"),
+        ({"txt": "x"}, "unknown keys"),
+        (3, "expected a str or a dict"),
+        ({"image": "/no/such/file.png"}, "/no/such/file.png"),
+        ({"image": IMG_A, "text": "<|image_pad|> <|image_pad|>"}, "2 image placeholder"),
+    ],
+)
+def test_bad_items_name_the_item(embedder, item, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("|", r"\|")):
+        embedder.encode([item])
+
+
+def test_export_then_reload_gives_the_same_vectors(embedder, tmp_path):
+    items = [item for item, _, _ in CASES]
+    reloaded = Embedder.from_pretrained(embedder.save_pretrained(tmp_path / "export"))
+    np.testing.assert_array_equal(reloaded.encode(items), embedder.encode(items))

@@ -1,0 +1,217 @@
+"""The inference API: any mix of image and text in, one L2-normalised vector out.
+
+    from vlm2vec_jax import Embedder
+    embedder = Embedder.from_pretrained("path/to/Qwen2-VL-dir")
+    vectors = embedder.encode(["a caption", {"image": "cat.png", "text": "<|image_pad|> Represent the image."}])
+
+Speed comes from the whole path, not only the model: items are preprocessed on host threads while
+the previous batches run (JAX dispatch is asynchronous), items of similar length are batched
+together (little padding), and every shape is bucketed (a handful of compilations for any stream).
+An item's vector does not depend on its batch: positions are per sequence and padding is masked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
+from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
+from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image
+from vlm2vec_jax.processing.rope_index import ROPE_RULES
+from vlm2vec_jax.processing.text import MMEB_IMAGE_PLACEHOLDER, TextProcessor
+
+Item = str | Mapping[str, Any]
+# Longest sequence when no max_len is given: Qwen2-VL's max_position_embeddings.
+DEFAULT_MAX_LEN = 32768
+# Items preprocessed and length-sorted together: bounds host memory, keeps batches tight.
+CHUNK_BATCHES = 16
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An item after host preprocessing, ready for the batcher."""
+
+    example: Example
+    length: int
+
+
+class Embedder:
+    """Encodes items with a Qwen2-VL embedding model (last-token pooling, unit vectors)."""
+
+    def __init__(
+        self,
+        model: Qwen2VL,
+        text: TextProcessor,
+        image_config: ImageProcessorConfig,
+        *,
+        position_rule: str = "hf5",
+        padding_side: str = "right",
+        source_dir: str | Path | None = None,
+        num_threads: int | None = None,
+    ):
+        if position_rule not in ROPE_RULES:
+            raise ValueError(f"position_rule must be one of {ROPE_RULES}, got {position_rule!r}")
+        self.model = model
+        self.text = text
+        self.image_config = image_config
+        self.position_rule = position_rule
+        self.padding_side = padding_side
+        self.source_dir = Path(source_dir) if source_dir is not None else None
+        self.num_threads = num_threads or min(8, os.cpu_count() or 1)
+        max_patches = image_config.max_pixels // image_config.patch_size**2
+        self._max_len = text.max_len or DEFAULT_MAX_LEN
+        self._max_patches = max_patches
+        graphdef, state = nnx.split(model)
+        self._state = state
+        self._forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        dtype: str = "float32",
+        param_dtype: str | None = None,
+        max_len: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        position_rule: str = "hf5",
+        padding_side: str = "right",
+        num_threads: int | None = None,
+    ) -> Embedder:
+        """Load weights, tokenizer and image-processor settings from a local Hugging Face directory.
+
+        `dtype` is the compute dtype ("float32" or "bfloat16"), `param_dtype` the storage dtype
+        (default: `dtype`). `max_len` truncates text (never image tokens); `min_pixels`/`max_pixels`
+        override the checkpoint's preprocessor_config.json. `position_rule` "hf5" is transformers
+        5.x's M-RoPE; "legacy" reproduces released VLM2Vec checkpoints (image tokens without
+        `<|vision_start|>` get 1-D positions).
+        """
+        model = load_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
+        text = TextProcessor.from_pretrained_dir(directory, max_len=max_len)
+        if text.image_token_id != model.config.image_token_id:
+            raise ValueError(
+                f"{directory}: the tokenizer's <|image_pad|> is id {text.image_token_id} but config.json says "
+                f"image_token_id={model.config.image_token_id}; tokenizer and weights come from different models"
+            )
+        image_config = ImageProcessorConfig.from_pretrained_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels)
+        return cls(
+            model, text, image_config, position_rule=position_rule, padding_side=padding_side,
+            source_dir=directory, num_threads=num_threads,
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.text.hidden_size
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the model as a Hugging Face directory (tokenizer and image config copied)."""
+        return save_pretrained(self.model, out_dir, source_dir=self.source_dir)
+
+    # ------------------------------------------------------------------------------------ encode
+    def encode(self, items: Sequence[Item], *, batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
+        """(N, D) float32 unit vectors, one per item, in the order given.
+
+        An item is a string, or a dict with "text" and/or "image" (path, bytes, PIL image or uint8
+        array; or a list of them, one placeholder each). An image whose text has no placeholder gets
+        `<|image_pad|>` and a newline prepended, MMEB's layout (image first, then the instruction).
+        """
+        items = list(items)
+        out = np.empty((len(items), self.dim), np.float32)
+        batcher = Batcher.from_text_processor(
+            self.text,
+            BucketSpec.default(self._max_len, self._max_patches, batch_size=batch_size),
+            padding_side=self.padding_side,
+        )
+        chunk = batch_size * CHUNK_BATCHES
+        pending: list[tuple[np.ndarray, jax.Array]] = []
+        with ThreadPoolExecutor(self.num_threads) as pool, tqdm(
+            total=len(items), disable=not show_progress, desc="encode", unit="item"
+        ) as progress:
+            for start in range(0, len(items), chunk):
+                prepared = self._prepare(items, range(start, min(start + chunk, len(items))), pool)
+                # Results of the previous chunk are ready (or nearly): collect them while the
+                # device works on this one.
+                self._collect(pending, out, progress)
+                for rows, batch in self._batches(prepared, batch_size, batcher):
+                    pending.append((rows, self._forward(self._state, batch)))
+            self._collect(pending, out, progress)
+        return out
+
+    def _collect(self, pending: list[tuple[np.ndarray, jax.Array]], out: np.ndarray, progress: tqdm) -> None:
+        for rows, vectors in pending:
+            out[rows] = np.asarray(vectors)[: len(rows)]
+            progress.update(len(rows))
+        pending.clear()
+
+    def _batches(self, prepared: dict[int, _Prepared], batch_size: int, batcher: Batcher) -> Iterator[tuple[np.ndarray, dict]]:
+        """Batches of similar-length items (longest first), with the item indices they hold."""
+        order = sorted(prepared, key=lambda i: -prepared[i].length)
+        for start in range(0, len(order), batch_size):
+            rows = np.asarray(order[start : start + batch_size])
+            yield rows, batcher([prepared[i].example for i in rows])
+
+    def _prepare(self, items: Sequence[Item], indices: range, pool: ThreadPoolExecutor) -> dict[int, _Prepared]:
+        """Images decoded and patchified on host threads, texts tokenized in one batched call."""
+        parsed = [_parse_item(items[i], i) for i in indices]
+        jobs = [(source, i) for (_, sources), i in zip(parsed, indices) for source in sources]
+        processed = iter(pool.map(lambda job: self._process_image(*job), jobs))
+        images = [[next(processed) for _ in sources] for _, sources in parsed]
+        texts = [self._with_placeholder(text, bool(imgs)) for (text, _), imgs in zip(parsed, images)]
+        counts = [[image.num_tokens for image in imgs] for imgs in images]
+        try:
+            ids = self.text.encode_batch(texts, counts)
+        except ValueError:
+            for i, text, count in zip(indices, texts, counts):  # find the item at fault
+                try:
+                    self.text.encode(text, count)
+                except ValueError as err:
+                    raise ValueError(f"item {i}: {err}") from None
+            raise
+        return {
+            i: _Prepared(Example(tokens, imgs, self.position_rule), tokens.size)
+            for i, tokens, imgs in zip(indices, ids, images)
+        }
+
+    def _process_image(self, source: Any, index: int) -> ProcessedImage:
+        try:
+            return process_image(source, self.image_config)
+        except ValueError as err:
+            raise ValueError(f"item {index}: {err}") from err
+
+    def _with_placeholder(self, text: str, has_image: bool) -> str:
+        has_placeholder = self.text.image_token in text or MMEB_IMAGE_PLACEHOLDER.search(text)
+        if has_image and not has_placeholder:
+            return f"{self.text.image_token}\n{text}" if text else self.text.image_token
+        return text
+
+
+def _parse_item(item: Item, index: int) -> tuple[str, list[Any]]:
+    """(text, image sources) of one item, with an error naming the item when malformed. "image" may
+    also be a list of images, one placeholder each in the text."""
+    if isinstance(item, str):
+        return item, []
+    if not isinstance(item, Mapping):
+        raise TypeError(f"item {index}: expected a str or a dict with 'text' and/or 'image', got {type(item).__name__}")
+    unknown = set(item) - {"text", "image"}
+    if unknown:
+        raise ValueError(f"item {index}: unknown keys {sorted(unknown)}; an item has 'text' and/or 'image'")
+    text, image = item.get("text") or "", item.get("image")
+    sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    if not text and not sources:
+        raise ValueError(f"item {index}: has neither text nor image")
+    if not isinstance(text, str):
+        raise TypeError(f"item {index}: 'text' must be a str, got {type(text).__name__}")
+    return text, sources
