@@ -13,6 +13,7 @@ An item's vector does not depend on its batch: positions are per sequence and pa
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vlm2vec_jax.batch import ModelInputs
 from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
@@ -37,6 +39,8 @@ Item = str | Mapping[str, Any]
 DEFAULT_MAX_LEN = 32768
 # Items preprocessed and length-sorted together: bounds host memory, keeps batches tight.
 CHUNK_BATCHES = 16
+# Batches dispatched ahead of the one being read back: keeps the device busy while the host works.
+IN_FLIGHT_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -130,38 +134,43 @@ class Embedder:
         """
         items = list(items)
         out = np.empty((len(items), self.dim), np.float32)
+        in_flight: deque[tuple[np.ndarray, jax.Array]] = deque()
+        with tqdm(total=len(items), disable=not show_progress, desc="encode", unit="item") as progress:
+
+            def collect(keep: int) -> None:
+                while len(in_flight) > keep:
+                    rows, vectors = in_flight.popleft()
+                    out[rows] = np.asarray(vectors)[: len(rows)]
+                    progress.update(len(rows))
+
+            for rows, batch in self.batches(items, batch_size):
+                in_flight.append((rows, self.embed_batch(batch)))
+                # Dispatch is asynchronous: the host prepares the next batches while these run.
+                collect(keep=IN_FLIGHT_BATCHES)
+            collect(keep=0)
+        return out
+
+    def embed_batch(self, batch: ModelInputs) -> jax.Array:
+        """Unit vectors (B, D) of one built batch; returns immediately (asynchronous dispatch)."""
+        return self._forward(self._state, batch)
+
+    def batches(self, items: Sequence[Item], batch_size: int) -> Iterator[tuple[np.ndarray, ModelInputs]]:
+        """Bucketed batches of `batch_size` rows (the last one padded), each with the indices of the
+        items it holds. Items are preprocessed a chunk at a time and sorted by length within it, so
+        batches carry little padding and host memory stays bounded."""
         batcher = Batcher.from_text_processor(
             self.text,
             BucketSpec.default(self._max_len, self._max_patches, batch_size=batch_size),
             padding_side=self.padding_side,
         )
         chunk = batch_size * CHUNK_BATCHES
-        pending: list[tuple[np.ndarray, jax.Array]] = []
-        with ThreadPoolExecutor(self.num_threads) as pool, tqdm(
-            total=len(items), disable=not show_progress, desc="encode", unit="item"
-        ) as progress:
+        with ThreadPoolExecutor(self.num_threads) as pool:
             for start in range(0, len(items), chunk):
                 prepared = self._prepare(items, range(start, min(start + chunk, len(items))), pool)
-                # Results of the previous chunk are ready (or nearly): collect them while the
-                # device works on this one.
-                self._collect(pending, out, progress)
-                for rows, batch in self._batches(prepared, batch_size, batcher):
-                    pending.append((rows, self._forward(self._state, batch)))
-            self._collect(pending, out, progress)
-        return out
-
-    def _collect(self, pending: list[tuple[np.ndarray, jax.Array]], out: np.ndarray, progress: tqdm) -> None:
-        for rows, vectors in pending:
-            out[rows] = np.asarray(vectors)[: len(rows)]
-            progress.update(len(rows))
-        pending.clear()
-
-    def _batches(self, prepared: dict[int, _Prepared], batch_size: int, batcher: Batcher) -> Iterator[tuple[np.ndarray, dict]]:
-        """Batches of similar-length items (longest first), with the item indices they hold."""
-        order = sorted(prepared, key=lambda i: -prepared[i].length)
-        for start in range(0, len(order), batch_size):
-            rows = np.asarray(order[start : start + batch_size])
-            yield rows, batcher([prepared[i].example for i in rows])
+                order = sorted(prepared, key=lambda i: -prepared[i].length)
+                for first in range(0, len(order), batch_size):
+                    rows = np.asarray(order[first : first + batch_size])
+                    yield rows, batcher([prepared[i].example for i in rows])
 
     def _prepare(self, items: Sequence[Item], indices: range, pool: ThreadPoolExecutor) -> dict[int, _Prepared]:
         """Images decoded and patchified on host threads, texts tokenized in one batched call."""
