@@ -3,6 +3,7 @@ so transformers and `Embedder.from_pretrained` load it as they load the original
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,8 @@ SIDECAR_FILES = (
     "generation_config.json",
 )
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Weight files this writer produces; those of an earlier export in the same directory are removed.
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
 def _hf_tensors(model: Qwen2VL) -> dict[str, np.ndarray]:
@@ -77,6 +80,10 @@ def save_pretrained(model: Qwen2VL, out_dir: str | Path, *, source_dir: str | Pa
         shards[-1][key] = value
         size += value.nbytes
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    # A stale index or shards of an earlier export would be read instead of (or with) these files.
+    for old in out_dir.iterdir():
+        if (old.name == INDEX_FILE or _WEIGHT_FILE.match(old.name)) and old.name not in names:
+            old.unlink()
     for name, shard in zip(names, shards):
         save_file(shard, out_dir / name, metadata={"format": "pt"})
     if len(shards) > 1:

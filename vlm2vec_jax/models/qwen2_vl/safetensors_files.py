@@ -2,10 +2,14 @@
 
 safetensors' numpy reader cannot return bfloat16, the dtype most checkpoints ship in; the format
 is a JSON header followed by raw little-endian data, so a memory map with ml_dtypes reads any
-tensor without loading the file.
+tensor without loading the file. Pages of a memory map that were read count in the process's RSS
+until unmapped, so each tensor's pages are released (madvise DONTNEED; the data stays in the page
+cache and is re-read from the file if touched again) once the consumer moves on: reading a 4 GB
+shard then costs one tensor of RSS, not the shard.
 """
 
 import json
+import mmap
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,17 +54,39 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
 
 
 def iter_tensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, read-only memory-mapped array) for every tensor of one safetensors file."""
+    """(name, read-only memory-mapped array) for every tensor of one safetensors file.
+
+    A yielded array stays valid, but its pages leave this process's RSS when the next tensor is
+    requested: copy what you need before advancing (reading it again re-reads the file)."""
     with open(file, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         try:
             header = json.loads(handle.read(header_len))
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{file}: corrupt safetensors header ({err})") from None
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     header.pop("__metadata__", None)
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len)
+    base = 8 + header_len
     for name, info in header.items():
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        yield name, data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        start, end = (base + offset for offset in info["data_offsets"])
+        if end > len(mapped):
+            raise CheckpointError(f"{file}: tensor {name} ends at byte {end} but the file has {len(mapped)}: the file is truncated")
+        if end > start:
+            tensor = np.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
+        else:
+            tensor = np.empty(0, dtype)
+        try:
+            yield name, tensor.reshape(info["shape"])
+        finally:
+            _release(mapped, start, end)
+
+
+def _release(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Drop the pages of [start, end) from this process's RSS (not from the page cache)."""
+    if end <= start or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = start - start % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
