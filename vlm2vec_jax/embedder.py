@@ -155,14 +155,19 @@ class Embedder:
         return self._forward(self._state, batch)
 
     def batches(self, items: Sequence[Item], batch_size: int) -> Iterator[tuple[np.ndarray, ModelInputs]]:
-        """Bucketed batches of `batch_size` rows (the last one padded), each with the indices of the
-        items it holds. Items are preprocessed a chunk at a time and sorted by length within it, so
-        batches carry little padding and host memory stays bounded."""
-        batcher = Batcher.from_text_processor(
-            self.text,
-            BucketSpec.default(self._max_len, self._max_patches, batch_size=batch_size),
-            padding_side=self.padding_side,
-        )
+        """Bucketed batches with the indices of the items each holds. Full batches have
+        `batch_size` rows; a short last batch is padded to the next power of two only, so encoding
+        one item costs one row. Items are preprocessed a chunk at a time and sorted by length within
+        it: batches carry little padding and host memory stays bounded."""
+        batchers: dict[int, Batcher] = {}
+
+        def batcher_for(count: int) -> Batcher:
+            rows = min(batch_size, 1 << (count - 1).bit_length())
+            if rows not in batchers:
+                buckets = BucketSpec.default(self._max_len, self._max_patches, batch_size=rows)
+                batchers[rows] = Batcher.from_text_processor(self.text, buckets, padding_side=self.padding_side)
+            return batchers[rows]
+
         chunk = batch_size * CHUNK_BATCHES
         with ThreadPoolExecutor(self.num_threads) as pool:
             for start in range(0, len(items), chunk):
@@ -170,7 +175,7 @@ class Embedder:
                 order = sorted(prepared, key=lambda i: -prepared[i].length)
                 for first in range(0, len(order), batch_size):
                     rows = np.asarray(order[first : first + batch_size])
-                    yield rows, batcher([prepared[i].example for i in rows])
+                    yield rows, batcher_for(len(rows))([prepared[i].example for i in rows])
 
     def _prepare(self, items: Sequence[Item], indices: range, pool: ThreadPoolExecutor) -> dict[int, _Prepared]:
         """Images decoded and patchified on host threads, texts tokenized in one batched call."""

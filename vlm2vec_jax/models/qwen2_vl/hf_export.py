@@ -1,10 +1,12 @@
 """Write the Flax model back as a Hugging Face Qwen2-VL directory (hub key layout, safetensors),
 so transformers and `Embedder.from_pretrained` load it as they load the original."""
 
+import itertools
 import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -29,11 +31,11 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
-def _hf_tensors(model: Qwen2VL) -> dict[str, np.ndarray]:
-    """Every HF tensor of the model, split out of our (fused, stacked, transposed) leaves."""
+def _hf_tensors(model: Qwen2VL) -> Iterator[tuple[str, np.ndarray]]:
+    """Every HF tensor of the model, split out of our (fused, stacked, transposed) leaves, one
+    leaf on the host at a time."""
     state = nnx.state(model, nnx.Param)
     leaves = {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
-    tensors: dict[str, np.ndarray] = {}
     for rule in checkpoint_rules(model.config):
         leaf = np.asarray(jax.device_get(leaves[rule.path]))
         for key, shape, layer, part in rule.hf_keys():
@@ -41,8 +43,7 @@ def _hf_tensors(model: Qwen2VL) -> dict[str, np.ndarray]:
             if len(rule.parts) > 1:
                 start = rule.part_offset(part)
                 value = value[..., start : start + rule.part_width(part)]
-            tensors[key] = np.ascontiguousarray(value.T.reshape(shape) if rule.is_kernel else value)
-    return tensors
+            yield key, np.ascontiguousarray(value.T.reshape(shape) if rule.is_kernel else value)
 
 
 def _source_lm_head(source_dir: Path | None) -> np.ndarray | None:
@@ -55,40 +56,54 @@ def _source_lm_head(source_dir: Path | None) -> np.ndarray | None:
     return None
 
 
+def _shard_plan(sizes: list[tuple[str, int]], shard_bytes: int) -> list[list[str]]:
+    """Keys grouped in order into shards of at most `shard_bytes` (a larger tensor stands alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, nbytes in sizes:
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
 def save_pretrained(model: Qwen2VL, out_dir: str | Path, *, source_dir: str | Path | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write config.json, safetensors (sharded above `shard_bytes`, with an index) and the source
     directory's tokenizer and preprocessor files. An untied LM head is copied from `source_dir`;
-    without one the export is marked tied (the head is unused for embeddings)."""
+    without one the export is marked tied (the head is unused for embeddings). Tensors are
+    produced and written a shard at a time, so host memory stays near one shard."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source_dir = Path(source_dir) if source_dir is not None else None
     config = model.config.to_hf_dict()
-    tensors = _hf_tensors(model)
+    itemsize = model.config.parameter_dtype.itemsize
+    sizes = [(key, itemsize * int(np.prod(shape))) for rule in checkpoint_rules(model.config) for key, shape, _, _ in rule.hf_keys()]
+    tensors: Iterator[tuple[str, np.ndarray]] = _hf_tensors(model)
     if not config["tie_word_embeddings"]:
         lm_head = _source_lm_head(source_dir)
         if lm_head is None:
             log.warning("untied LM head not found in %s: exporting with tie_word_embeddings=true", source_dir)
             config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
         else:
-            tensors["lm_head.weight"] = lm_head.astype(tensors["model.embed_tokens.weight"].dtype)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        if shards[-1] and size + value.nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += value.nbytes
-    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            lm_head = lm_head.astype(model.config.parameter_dtype)
+            sizes.append(("lm_head.weight", lm_head.nbytes))
+            tensors = itertools.chain(tensors, [("lm_head.weight", lm_head)])
+    plan = _shard_plan(sizes, shard_bytes)
+    names = [SINGLE_FILE] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     # A stale index or shards of an earlier export would be read instead of (or with) these files.
     for old in out_dir.iterdir():
         if (old.name == INDEX_FILE or _WEIGHT_FILE.match(old.name)) and old.name not in names:
             old.unlink()
-    for name, shard in zip(names, shards):
+    for name, keys in zip(names, plan):
+        shard = dict(itertools.islice(tensors, len(keys)))
+        assert list(shard) == keys, "export order diverged from the shard plan"
         save_file(shard, out_dir / name, metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-        total = sum(v.nbytes for v in tensors.values())
+        del shard
+    if len(plan) > 1:
+        weight_map = {key: name for name, keys in zip(names, plan) for key in keys}
+        total = sum(nbytes for _, nbytes in sizes)
         (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if source_dir is not None:
