@@ -21,6 +21,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 from transformers.vision_utils import get_vision_position_ids
 
+from vlm2vec_jax.testing.random_checkpoint import HUB_PREPROCESSOR_CONFIG
 from vlm2vec_jax.processing.image import (
     ImageError,
     ImageProcessorConfig,
@@ -136,17 +137,7 @@ def _write_config(directory: Path, payload: dict) -> Path:
     return directory
 
 
-HUB_JSON = {
-    "min_pixels": 3136,
-    "max_pixels": 12845056,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Qwen2VLImageProcessor",
-    "processor_class": "Qwen2VLProcessor",
-}
+HUB_JSON = HUB_PREPROCESSOR_CONFIG
 V5_JSON = {
     "size": {"shortest_edge": 6272, "longest_edge": 401408},
     "patch_size": 14,

@@ -23,7 +23,8 @@ import numpy as np
 
 from vlm2vec_jax.models.qwen2_vl.checkpoint_keys import checkpoint_rules
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
-from vlm2vec_jax.models.qwen2_vl.safetensors_files import INDEX_FILE, SINGLE_FILE
+from vlm2vec_jax.models.qwen2_vl.safetensors_files import write_checkpoint_files
+from vlm2vec_jax.testing.tiny_checkpoint import QWEN2_TOKENIZER_CONFIG
 
 # Hub checkpoints are cut at about 4 GB per shard (Qwen2-VL-2B-Instruct: 3.99 GB + 0.43 GB).
 DEFAULT_SHARD_BYTES = 4_000_000_000
@@ -78,19 +79,6 @@ def _random_tensor(key: str, shape: tuple[int, ...], dtype: np.dtype, rng: np.ra
     return value.astype(dtype, copy=False)
 
 
-def _shard_plan(specs: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_bytes: int) -> list[list[int]]:
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, (_, shape) in enumerate(specs):
-        nbytes = int(np.prod(shape)) * itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += nbytes
-    return shards
-
-
 def write_random_checkpoint(
     config: Qwen2VLConfig,
     out_dir: str | Path,
@@ -107,30 +95,17 @@ def write_random_checkpoint(
     A tensor's values depend only on `seed` and its position in the table, not on the sharding.
     Peak memory is about twice the largest shard (safetensors serialises a shard to bytes).
     """
-    from safetensors.numpy import save_file
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     np_dtype = np.dtype(_DTYPES[dtype])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = checkpoint_tensor_specs(config)
-    plan = _shard_plan(specs, np_dtype.itemsize, shard_bytes)
-    names = [SINGLE_FILE] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for name, members in zip(names, plan):
-        shard: dict[str, np.ndarray] = {}
-        for i in members:
-            key, shape = specs[i]
-            shard[key] = _random_tensor(key, shape, np_dtype, np.random.default_rng([seed, i]))
-            weight_map[key] = name
-            total += shard[key].nbytes
-        save_file(shard, out / name, metadata={"format": "pt"})
-        del shard
-    if len(plan) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    sizes = [(key, int(np.prod(shape)) * np_dtype.itemsize) for key, shape in specs]
+    tensors = (
+        (key, _random_tensor(key, shape, np_dtype, np.random.default_rng([seed, i]))) for i, (key, shape) in enumerate(specs)
+    )
+    write_checkpoint_files(out, sizes, tensors, shard_bytes)
     (out / "config.json").write_text(json.dumps(config.replace(param_dtype=dtype).to_hf_dict(), indent=2))
     if processor_files:
         write_qwen2vl_processor_files(out)
@@ -157,19 +132,7 @@ def write_qwen2vl_processor_files(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_qwen_tokenizer_json(), out / "tokenizer.json")
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "errors": "replace",
-        "split_special_tokens": False,
-        "model_max_length": 32768,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(QWEN2_TOKENIZER_CONFIG, indent=2))
     (out / "preprocessor_config.json").write_text(
         json.dumps({**HUB_PREPROCESSOR_CONFIG, "min_pixels": min_pixels, "max_pixels": max_pixels}, indent=2)
     )

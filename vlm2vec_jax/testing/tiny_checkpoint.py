@@ -88,6 +88,20 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 24 100 2024 3.14 50%.
 Punctuation and symbols: (a, b) [c; d] {e: f} "quoted" 'single' - _ + = * / \\ | @ # $ & ! ?
 """
 
+# Qwen2-VL's tokenizer_config.json essentials: no BOS, pad <|endoftext|>, nothing added on encode.
+QWEN2_TOKENIZER_CONFIG = {
+    "tokenizer_class": "Qwen2Tokenizer",
+    "bos_token": None,
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "unk_token": None,
+    "add_prefix_space": False,
+    "clean_up_tokenization_spaces": False,
+    "errors": "replace",
+    "split_special_tokens": False,
+    "model_max_length": 32768,
+}
+
 _BPE_VOCAB_SIZE = 640  # incl. the 256 byte tokens; training stops earlier if merges run out
 _VOCAB_MULTIPLE = 64  # padded vocab size, as Qwen pads its embedding table (151936 = 64 * 2374)
 
@@ -117,19 +131,7 @@ def build_tiny_tokenizer(out_dir: str | Path) -> Path:
     # Appended after training so they get the highest ids, as in Qwen.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.save(str(out / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "errors": "replace",
-        "split_special_tokens": False,
-        "model_max_length": 32768,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(QWEN2_TOKENIZER_CONFIG, indent=2))
     return out
 
 

@@ -4,7 +4,6 @@ so transformers and `Embedder.from_pretrained` load it as they load the original
 import itertools
 import json
 import logging
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +11,10 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
 from vlm2vec_jax.models.qwen2_vl.checkpoint_keys import checkpoint_rules
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
-from vlm2vec_jax.models.qwen2_vl.safetensors_files import INDEX_FILE, SINGLE_FILE, checkpoint_files, iter_tensors
+from vlm2vec_jax.models.qwen2_vl.safetensors_files import checkpoint_files, iter_tensors, write_checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +25,6 @@ SIDECAR_FILES = (
     "generation_config.json",
 )
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-# Weight files this writer produces; those of an earlier export in the same directory are removed.
-_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
 def _hf_tensors(model: Qwen2VL) -> Iterator[tuple[str, np.ndarray]]:
@@ -56,19 +52,6 @@ def _source_lm_head(source_dir: Path | None) -> np.ndarray | None:
     return None
 
 
-def _shard_plan(sizes: list[tuple[str, int]], shard_bytes: int) -> list[list[str]]:
-    """Keys grouped in order into shards of at most `shard_bytes` (a larger tensor stands alone)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, nbytes in sizes:
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
-
-
 def save_pretrained(model: Qwen2VL, out_dir: str | Path, *, source_dir: str | Path | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write config.json, safetensors (sharded above `shard_bytes`, with an index) and the source
     directory's tokenizer and preprocessor files. An untied LM head is copied from `source_dir`;
@@ -90,21 +73,7 @@ def save_pretrained(model: Qwen2VL, out_dir: str | Path, *, source_dir: str | Pa
             lm_head = lm_head.astype(model.config.parameter_dtype)
             sizes.append(("lm_head.weight", lm_head.nbytes))
             tensors = itertools.chain(tensors, [("lm_head.weight", lm_head)])
-    plan = _shard_plan(sizes, shard_bytes)
-    names = [SINGLE_FILE] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-    # A stale index or shards of an earlier export would be read instead of (or with) these files.
-    for old in out_dir.iterdir():
-        if (old.name == INDEX_FILE or _WEIGHT_FILE.match(old.name)) and old.name not in names:
-            old.unlink()
-    for name, keys in zip(names, plan):
-        shard = dict(itertools.islice(tensors, len(keys)))
-        assert list(shard) == keys, "export order diverged from the shard plan"
-        save_file(shard, out_dir / name, metadata={"format": "pt"})
-        del shard
-    if len(plan) > 1:
-        weight_map = {key: name for name, keys in zip(names, plan) for key in keys}
-        total = sum(nbytes for _, nbytes in sizes)
-        (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_checkpoint_files(out_dir, sizes, tensors, shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if source_dir is not None:
         for name in SIDECAR_FILES:

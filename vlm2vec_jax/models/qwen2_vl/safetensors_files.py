@@ -8,8 +8,10 @@ cache and is re-read from the file if touched again) once the consumer moves on:
 shard then costs one tensor of RSS, not the shard.
 """
 
+import itertools
 import json
 import mmap
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,3 +92,46 @@ def _release(mapped: mmap.mmap, start: int, end: int) -> None:
         return
     first = start - start % mmap.PAGESIZE
     mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+# Weight files `write_checkpoint_files` produces; those of an earlier write are removed first.
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def _shard_plan(sizes: list[tuple[str, int]], shard_bytes: int) -> list[list[str]]:
+    """Keys grouped in order into shards of at most `shard_bytes` (a larger tensor stands alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, nbytes in sizes:
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def write_checkpoint_files(
+    out_dir: Path, sizes: list[tuple[str, int]], tensors: Iterator[tuple[str, np.ndarray]], shard_bytes: int
+) -> None:
+    """Write tensors as the hub does: one model.safetensors, or shards plus an index above
+    `shard_bytes`. `sizes` (key, bytes) plans the shards up front, so `tensors` (yielding the same
+    keys in the same order) is consumed a shard at a time and host memory stays near one shard."""
+    from safetensors.numpy import save_file
+
+    plan = _shard_plan(sizes, shard_bytes)
+    names = [SINGLE_FILE] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    # A stale index or shards of an earlier write would be read instead of (or with) these files.
+    for old in out_dir.iterdir():
+        if (old.name == INDEX_FILE or _WEIGHT_FILE.match(old.name)) and old.name not in names:
+            old.unlink()
+    for name, keys in zip(names, plan):
+        shard = dict(itertools.islice(tensors, len(keys)))
+        if list(shard) != keys:
+            raise RuntimeError(f"tensors arrived out of the planned order while writing {name}")
+        save_file(shard, out_dir / name, metadata={"format": "pt"})
+        del shard
+    if len(plan) > 1:
+        weight_map = {key: name for name, keys in zip(names, plan) for key in keys}
+        total = sum(nbytes for _, nbytes in sizes)
+        (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
