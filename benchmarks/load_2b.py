@@ -17,9 +17,8 @@ so its peak RSS is its own:
   checkpoint pages count in RSS too).
 - encode: `Embedder.from_pretrained(dir, dtype="bfloat16").encode([...], batch_size=1)` on one
   224x224 image (grid [1, 16, 16], 64 merged tokens) with an instruction; first call (with
-  compilation) and a second call. (`encode`'s default batch_size=16 pads one item to 16 rows.)
-  With `--encode-direct`, or without `vlm2vec_jax/embedder.py`, the model runs directly on a
-  hand-built batch instead.
+  compilation) and a second call.
+  With `--encode-direct` the model runs directly on a hand-built batch instead.
 
 Linux carries `ru_maxrss` over fork and exec, so a child would inherit its parent's peak: this
 parent process therefore imports nothing heavy and does all work in children; VmHWM (reset by exec)
