@@ -56,7 +56,10 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray)
     Heads are moved to the front once and the G = N/K query heads sharing a key head are stacked
     along the query axis, so both products are plain batched matmuls over (B, K) with no repeated
     keys: on XLA's CPU backend this runs 1.6-1.7x faster than `jax.nn.dot_product_attention`,
-    whose per-call layout changes dominate at these sizes."""
+    whose per-call layout changes dominate at these sizes. On GPUs JAX's fused attention (cuDNN
+    where it applies) is faster still, so it is used there."""
+    if jax.default_backend() == "gpu":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
     batch, t, n, h = q.shape
     kv = k.shape[2]
     groups = n // kv
