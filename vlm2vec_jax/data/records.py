@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Side:
     """One query or target: text (may be empty when there is an image) and an absolute image path."""
 
@@ -18,7 +18,7 @@ class Side:
     image: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrainPair:
     """One training row: a query, its positive target, and optional explicit hard negatives.
     `row` is the row's index in its dataset (stable across runs, used by B3 batch files)."""
@@ -30,7 +30,7 @@ class TrainPair:
     negatives: tuple[Side, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EvalQuery:
     """One evaluation row: a query ranked against its own candidates; the ground truth is candidate 0."""
 
