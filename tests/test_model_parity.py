@@ -101,3 +101,11 @@ def test_bfloat16_compute_stays_close(tiny_ckpt, hf):
     hidden = np.asarray(jax.jit(bf16.hidden_states)(ref.ours)).astype(np.float32)
     cos = np.sum(hidden * expected, -1) / (np.linalg.norm(hidden, axis=-1) * np.linalg.norm(expected, axis=-1))
     assert hidden.dtype == np.float32 and cos[ref.mask].min() > 0.99
+
+
+@pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
+def test_inference_embed_equals_training_path(hf, ours, left_pad):
+    """`embed` computes only the pooled token in the last layer; it must equal `__call__`."""
+    ref = hf.build(SEQUENCES["mixed_batch"], IMAGES, left_pad=left_pad)
+    full = np.asarray(jax.jit(lambda b: ours(b))(ref.ours))
+    np.testing.assert_allclose(np.asarray(jax.jit(ours.embed)(ref.ours)), full, atol=ATOL, rtol=0)

@@ -79,7 +79,7 @@ class Embedder:
         self._max_patches = max_patches
         graphdef, state = nnx.split(model)
         self._state = state
-        self._forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
+        self._forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state).embed(batch))
 
     @classmethod
     def from_pretrained(

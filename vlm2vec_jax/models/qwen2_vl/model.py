@@ -41,5 +41,10 @@ class Qwen2VL(nnx.Module):
         return self.language_model(embeds, batch["attention_mask"], batch["position_ids"])
 
     def __call__(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """Unit-norm float32 embeddings (B, D): last real token of the final layer."""
+        """Unit-norm float32 embeddings (B, D): last real token of the final layer (the training path)."""
         return l2_normalize(last_token_pool(self.hidden_states(batch), batch["attention_mask"]))
+
+    def embed(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        """The same embeddings for inference, with the last layer computed for the pooled token only."""
+        states = self.language_model.last_token_states(self.input_embeddings(batch), batch["attention_mask"], batch["position_ids"])
+        return l2_normalize(states)

@@ -4,9 +4,11 @@ q|k|v and gate|up are fused into one matmul each: fewer, larger GEMMs are faster
 and the checkpoint importer splits/joins them at the boundary.
 """
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm2vec_jax.models.pooling import last_token_index
 from vlm2vec_jax.models.qwen2_vl.config import TextConfig
 from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, attention, create_stack, linear, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, mrope
@@ -27,14 +29,24 @@ class DecoderLayer(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, mask: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, query_index: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        """(B, L, D) -> (B, L, D); with `query_index` (B,), only that row of each sequence is computed
+        (keys and values still cover every token) and the result is (B, 1, D)."""
         batch, length, _ = x.shape
         n, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
-        q = apply_rotary(qkv[..., : n * hd].reshape(batch, length, n, hd), cos, sin)
         k = apply_rotary(qkv[..., n * hd : (n + kv) * hd].reshape(batch, length, kv, hd), cos, sin)
         v = qkv[..., (n + kv) * hd :].reshape(batch, length, kv, hd)
-        x = x + self.o_proj(attention(q, k, v, mask).reshape(batch, length, n * hd))
+        q, q_cos, q_sin = qkv[..., : n * hd], cos, sin
+        if query_index is not None:
+            rows = query_index[:, None]
+            x, q, q_cos, q_sin = (jnp.take_along_axis(a, rows[..., None], axis=1) for a in (x, q, cos, sin))
+            mask = jnp.take_along_axis(mask, rows[:, None, :, None], axis=2)
+        queries = x.shape[1]
+        q = apply_rotary(q.reshape(batch, queries, n, hd), q_cos, q_sin)
+        x = x + self.o_proj(attention(q, k, v, mask).reshape(batch, queries, n * hd))
         gate, up = jnp.split(self.gate_up_proj(self.post_attention_layernorm(x)), 2, axis=-1)
         return x + self.down_proj(self.act(gate) * up)
 
@@ -58,11 +70,28 @@ class TextDecoder(nnx.Module):
         self.cfg = cfg
         self.remat = remat
 
-    def __call__(self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> jnp.ndarray:
-        length = embeds.shape[1]
-        valid = attention_mask.astype(bool)
+    def _mask_and_rope(self, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+        length = attention_mask.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, L, L)
-        cos, sin = mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section)
-        x = scan_stack(self.layers, embeds, mask, cos, sin, remat=self.remat)
+        mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None]  # (B, 1, L, L)
+        return (mask, *mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section))
+
+    def __call__(self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> jnp.ndarray:
+        x = scan_stack(self.layers, embeds, *self._mask_and_rope(attention_mask, position_ids), remat=self.remat)
         return self.norm(x)
+
+    def last_token_states(self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> jnp.ndarray:
+        """Final hidden state (B, D) of each row's last real token, for inference: the last layer
+        computes only that token (its MLP and output projection skip the other L - 1 rows). Layers
+        are indexed in a loop rather than scanned over, so the stack is never sliced (copied);
+        gradients through this path would accumulate poorly, hence training uses `__call__`."""
+        mask, cos, sin = self._mask_and_rope(attention_mask, position_ids)
+        graphdef, state = nnx.split(self.layers)
+
+        def layer(i: jnp.ndarray | int) -> DecoderLayer:
+            return nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), state))
+
+        last = self.cfg.num_layers - 1
+        x = jax.lax.fori_loop(0, last, lambda i, x: layer(i)(x, mask, cos, sin), embeds)
+        x = layer(last)(x, mask, cos, sin, query_index=last_token_index(attention_mask))
+        return self.norm(x[:, 0])
