@@ -34,13 +34,17 @@ IMAGE_TOKEN = "<|image_pad|>"
 _BY_META_TASK = {"classification": CLASS_LABEL_PROMPT, "vqa": ANSWER_PROMPT}
 # Only these two retrieval datasets have caption-only targets; B3 prompts no other retrieval or
 # grounding dataset. Train (MMEB-train) and eval (MMEB-eval) spell both names the same way.
-_BY_DATASET = {"MSCOCO_i2t": IMAGE_CAPTION_PROMPT, "VisualNews_i2t": IMAGE_CAPTION_PROMPT}
+# B3 names MSCOCO_i2t and VisualNews_i2t, MMEB's only image-to-caption sets; the "_i2t" suffix
+# rule covers them and datasets following the same naming (the synthetic SynCaption_i2t).
+CAPTION_TARGET_SUFFIX = "_i2t"
 
 
 def positive_prompt(info: DatasetInfo) -> str:
     """B3's target-side prefix for a dataset: by meta-task (classification, VQA) or by name
-    (the two image-to-caption datasets); "" for every other dataset."""
-    return _BY_DATASET.get(info.name) or _BY_META_TASK.get(info.meta_task, "")
+    (image-to-caption datasets, named *_i2t); "" for every other dataset."""
+    if info.name.endswith(CAPTION_TARGET_SUFFIX):
+        return IMAGE_CAPTION_PROMPT
+    return _BY_META_TASK.get(info.meta_task, "")
 
 
 def to_backbone_text(text: str | None, image_token: str = IMAGE_TOKEN) -> str:
