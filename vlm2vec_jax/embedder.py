@@ -32,7 +32,7 @@ from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image
 from vlm2vec_jax.processing.rope_index import ROPE_RULES
-from vlm2vec_jax.processing.text import MMEB_IMAGE_PLACEHOLDER, TextProcessor
+from vlm2vec_jax.processing.text import TextProcessor, with_image_placeholder
 
 Item = str | Mapping[str, Any]
 # Longest sequence when no max_len is given: Qwen2-VL's max_position_embeddings.
@@ -183,7 +183,7 @@ class Embedder:
         jobs = [(source, i) for (_, sources), i in zip(parsed, indices) for source in sources]
         processed = iter(pool.map(lambda job: self._process_image(*job), jobs))
         images = [[next(processed) for _ in sources] for _, sources in parsed]
-        texts = [self._with_placeholder(text, bool(imgs)) for (text, _), imgs in zip(parsed, images)]
+        texts = [with_image_placeholder(text, bool(imgs), self.text.image_token) for (text, _), imgs in zip(parsed, images)]
         counts = [[image.num_tokens for image in imgs] for imgs in images]
         try:
             ids = self.text.encode_batch(texts, counts)
@@ -204,12 +204,6 @@ class Embedder:
             return process_image(source, self.image_config)
         except ValueError as err:
             raise ValueError(f"item {index}: {err}") from err
-
-    def _with_placeholder(self, text: str, has_image: bool) -> str:
-        has_placeholder = self.text.image_token in text or MMEB_IMAGE_PLACEHOLDER.search(text)
-        if has_image and not has_placeholder:
-            return f"{self.text.image_token}\n{text}" if text else self.text.image_token
-        return text
 
 
 def _parse_item(item: Item, index: int) -> tuple[str, list[Any]]:

@@ -17,10 +17,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["TextProcessor", "MMEB_IMAGE_PLACEHOLDER"]
+__all__ = ["TextProcessor", "MMEB_IMAGE_PLACEHOLDER", "with_image_placeholder"]
 
 # MMEB's (Phi-3's) numbered image placeholders: <|image_1|>, <|image_2|>, ...
 MMEB_IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
+
+
+def with_image_placeholder(text: str, has_image: bool, image_token: str = "<|image_pad|>") -> str:
+    """`text` with `image_token` and a newline prepended when it has an image but no placeholder:
+    MMEB's layout, image first, then the instruction. Shared by inference and training input."""
+    if has_image and image_token not in text and not MMEB_IMAGE_PLACEHOLDER.search(text):
+        return f"{image_token}\n{text}" if text else image_token
+    return text
 
 
 class TextProcessor:
