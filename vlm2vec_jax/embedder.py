@@ -16,7 +16,6 @@ import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,6 @@ DEFAULT_MAX_LEN = 32768
 CHUNK_BATCHES = 16
 # Batches dispatched ahead of the one being read back: keeps the device busy while the host works.
 IN_FLIGHT_BATCHES = 4
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """An item after host preprocessing, ready for the batcher."""
-
-    example: Example
-    length: int
 
 
 class Embedder:
@@ -172,12 +163,12 @@ class Embedder:
         with ThreadPoolExecutor(self.num_threads) as pool:
             for start in range(0, len(items), chunk):
                 prepared = self._prepare(items, range(start, min(start + chunk, len(items))), pool)
-                order = sorted(prepared, key=lambda i: -prepared[i].length)
+                order = sorted(prepared, key=lambda i: -prepared[i].input_ids.size)
                 for first in range(0, len(order), batch_size):
                     rows = np.asarray(order[first : first + batch_size])
-                    yield rows, batcher_for(len(rows))([prepared[i].example for i in rows])
+                    yield rows, batcher_for(len(rows))([prepared[i] for i in rows])
 
-    def _prepare(self, items: Sequence[Item], indices: range, pool: ThreadPoolExecutor) -> dict[int, _Prepared]:
+    def _prepare(self, items: Sequence[Item], indices: range, pool: ThreadPoolExecutor) -> dict[int, Example]:
         """Images decoded and patchified on host threads, texts tokenized in one batched call."""
         parsed = [_parse_item(items[i], i) for i in indices]
         jobs = [(source, i) for (_, sources), i in zip(parsed, indices) for source in sources]
@@ -195,7 +186,7 @@ class Embedder:
                     raise ValueError(f"item {i}: {err}") from None
             raise
         return {
-            i: _Prepared(Example(tokens, imgs, self.position_rule), tokens.size)
+            i: Example(tokens, imgs, self.position_rule)
             for i, tokens, imgs in zip(indices, ids, images)
         }
 
