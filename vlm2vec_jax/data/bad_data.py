@@ -88,6 +88,15 @@ class BadDataReport:
         """`{"data/skipped/<dataset>/<reason>": n}`, sorted, for the metrics writers."""
         return {f"{_METRIC_PREFIX}/{d}/{r}": n for (d, r), n in sorted(self.counts.items())}
 
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, int]) -> BadDataReport:
+        """The report `metrics()` describes (how a resumed run gets its counts back from a checkpoint)."""
+        report = cls()
+        for key, n in metrics.items():
+            dataset, reason = key.removeprefix(f"{_METRIC_PREFIX}/").rsplit("/", 1)
+            report.add(dataset, reason, int(n))
+        return report
+
 
 class BadDataHandler:
     """Applies one policy to bad rows and keeps the report of what it skipped."""

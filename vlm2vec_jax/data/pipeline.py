@@ -31,6 +31,9 @@ negative); a mask is local, deterministic, keeps every shape fixed and costs one
 Hard negatives of row i: the positives of the rows the plan mined for it (B3++), else the pair's
 own explicit negatives (MMEB's neg_text/neg_image_path), the first h of them.
 
+Vision row i holds sequence i's image (`Batcher(aligned=True)`), so the trainer can chunk and shard
+rows of sequences and vision arrays together.
+
 Fixed shapes: text length = `max_len` for every sequence; patches per vision row = the largest
 image `max_pixels` allows; vision rows = the number of sequences (each side has at most one
 image), or 0 for a side to which no pair of the training set gives an image (the batcher's
@@ -151,7 +154,7 @@ class TrainBatchSource:
     def _batcher(self, sequences: int, vision_rows: int) -> Batcher:
         """One bucket per dimension: the same shapes at every step (module docstring)."""
         buckets = BucketSpec((self.max_len,), (self.patches_per_row,), (max(1, vision_rows),), batch_size=sequences)
-        return Batcher.from_text_processor(self.text, buckets, merge_size=self.image_config.merge_size)
+        return Batcher.from_text_processor(self.text, buckets, merge_size=self.image_config.merge_size, aligned=True)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("text", "_query_batcher", "_target_batcher")}

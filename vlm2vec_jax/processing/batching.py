@@ -154,6 +154,10 @@ class Batcher:
     padding_side: str = "right"
     merge_size: int = 2
     patch_dim: int = PATCH_DIM
+    # Vision row i holds sequence i's images (and nothing else), so a slice of sequences with the
+    # same slice of vision rows is a self-contained batch: what GradCache chunks and data sharding
+    # need. Off, images pack first-fit into as few rows as possible (inference).
+    aligned: bool = False
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
@@ -189,7 +193,7 @@ class Batcher:
         position_ids = np.zeros((3, b, length), dtype=np.int32)
         image_token_index = np.full((b, length), -1, dtype=np.int32)
         images = [img for e in examples for img in e.images]
-        vision, merged_rows = self._pack(images)
+        vision, merged_rows = self._pack(images, [len(e.images) for e in examples] if self.aligned else None)
 
         image_start = 0
         for row, (example, ids) in enumerate(zip(examples, seqs)):
@@ -216,8 +220,11 @@ class Batcher:
             **vision,
         )
 
-    def _pack(self, images: Sequence[ProcessedImage]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        """Pack images whole into V rows of R patches, greedy first-fit in order.
+    def _pack(
+        self, images: Sequence[ProcessedImage], per_sequence: Sequence[int] | None = None
+    ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """Pack images whole into V rows of R patches, greedy first-fit in order; with
+        `per_sequence` (image counts of the sequences, `aligned`), sequence i's images into row i.
 
         Returns the vision arrays and, per image, the rows of its merged tokens in the flattened
         (V * R / merge**2) merger output.
@@ -240,8 +247,16 @@ class Batcher:
         free: list[int] = []  # patches left in each opened row
         segments: list[int] = []  # images placed in each row so far
         placement = []  # (row, first patch, segment id) of each image
-        for size in sizes:
-            row = next((i for i, f in enumerate(free) if f >= size), len(free))
+        owner = None if per_sequence is None else np.repeat(np.arange(len(per_sequence)), per_sequence)
+        if owner is not None:
+            free, segments = [r] * len(per_sequence), [0] * len(per_sequence)
+        for k, size in enumerate(sizes):
+            if owner is None:
+                row = next((i for i, f in enumerate(free) if f >= size), len(free))
+            else:
+                row = int(owner[k])
+                if free[row] < size:
+                    raise ValueError(f"sequence {row}'s images need more than the {r} patches of one aligned vision row")
             if row == len(free):
                 free.append(r)
                 segments.append(0)

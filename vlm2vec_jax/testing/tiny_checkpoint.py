@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,10 @@ _BPE_VOCAB_SIZE = 640  # incl. the 256 byte tokens; training stops earlier if me
 _VOCAB_MULTIPLE = 64  # padded vocab size, as Qwen pads its embedding table (151936 = 64 * 2374)
 
 
-def build_tiny_tokenizer(out_dir: str | Path) -> Path:
-    """Train a tiny Qwen2-style byte-level BPE and save it so `AutoTokenizer` loads it; returns `out_dir`."""
+def build_tiny_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None, vocab_size: int = _BPE_VOCAB_SIZE) -> Path:
+    """Train a tiny Qwen2-style byte-level BPE and save it so `AutoTokenizer` loads it; returns
+    `out_dir`. `corpus` (lines) replaces the built-in one: a vocabulary learned on the texts a model
+    will see keeps their sequences short."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     out = Path(out_dir)
@@ -122,12 +125,12 @@ def build_tiny_tokenizer(out_dir: str | Path) -> Path:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(_CORPUS.splitlines() if corpus is None else corpus, trainer=trainer)
     # Appended after training so they get the highest ids, as in Qwen.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.save(str(out / "tokenizer.json"))
@@ -163,6 +166,65 @@ def _randomize_(model: object, seed: int) -> None:
             p.copy_(new.to(p.dtype))
 
 
+def tiny_hf_config(
+    tokenizer_dir: str | Path,
+    *,
+    text_hidden: int,
+    text_layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vision_dim: int,
+    vision_depth: int,
+    vision_heads: int,
+    tie_word_embeddings: bool = True,
+) -> dict:
+    """A Qwen2-VL config.json (as a dict) for the tokenizer in `tokenizer_dir`: its special-token
+    ids, and its vocabulary padded to a multiple of 64."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    vocab_size = -(-tokenizer.get_vocab_size() // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    if text_hidden % heads or heads % kv_heads:
+        raise ValueError("text_hidden must divide by heads and heads by kv_heads")
+    return {
+        "model_type": "qwen2_vl",
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "text_config": {
+            "vocab_size": vocab_size,
+            "hidden_size": text_hidden,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": mrope_section_for(text_hidden // heads),
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        "vision_config": {
+            "depth": vision_depth,
+            "embed_dim": vision_dim,
+            "hidden_size": text_hidden,  # the merger projects into the text stream
+            "num_heads": vision_heads,
+            "mlp_ratio": 4,
+        },
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     *,
@@ -187,46 +249,16 @@ def build_tiny_checkpoint(
     `model.safetensors.index.json` is produced, as for real multi-GB checkpoints.
     """
     import torch
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = build_tiny_tokenizer(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-    if text_hidden % heads or heads % kv_heads:
-        raise ValueError("text_hidden must divide by heads and heads by kv_heads")
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": text_hidden,
-            "intermediate_size": intermediate,
-            "num_hidden_layers": text_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": mrope_section_for(text_hidden // heads),
-            },
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": vision_depth,
-            "embed_dim": vision_dim,
-            "hidden_size": text_hidden,  # the merger projects into the text stream
-            "num_heads": vision_heads,
-            "mlp_ratio": 4,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie_word_embeddings,
+        **tiny_hf_config(
+            out, text_hidden=text_hidden, text_layers=text_layers, heads=heads, kv_heads=kv_heads,
+            intermediate=intermediate, vision_dim=vision_dim, vision_depth=vision_depth,
+            vision_heads=vision_heads, tie_word_embeddings=tie_word_embeddings,
+        )
     )
     torch_dtype = getattr(torch, dtype)
     model = Qwen2VLForConditionalGeneration(config)

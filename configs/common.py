@@ -1,0 +1,95 @@
+"""The full set of training keys with their defaults; every recipe starts from `base()` and changes
+what it needs. Every key is documented here, once.
+
+Override any key on the command line: `--config.train.steps=200 --config.workdir=/tmp/run`.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"  # checkpoints, metrics.jsonl, tensorboard/, export/; a run restarted here resumes
+    c.seed = 0  # model init, LoRA init, dropout, random batches
+    c.dry_run = False  # compile only and report memory / FLOPs (launch issue)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = "random"  # "random" (architecture below) or a Hugging Face Qwen2-VL directory
+    c.model.architecture = ml_collections.ConfigDict(  # only for init="random"
+        dict(text_hidden=128, text_layers=2, heads=4, kv_heads=2, intermediate=512,
+             vision_dim=64, vision_depth=2, vision_heads=2, vocab_size=1024)
+    )
+    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
+    c.model.param_dtype = "float32"  # storage of frozen weights; trained weights are always float32
+    c.model.remat = False  # recompute layer activations in the backward pass (memory for compute)
+    c.model.min_pixels = 3136  # image resize bounds (Qwen2-VL's smart_resize), override the checkpoint's
+    c.model.max_pixels = 7056  # 84x84: 9 merged tokens
+    c.model.max_len = 64  # tokens per sequence (every sequence is padded to this: fixed shapes)
+    c.model.position_rule = "hf5"  # "hf5" (transformers 5.x M-RoPE) or "legacy" (VLM2Vec 4.x)
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 8
+    c.lora.alpha = 64.0  # scale = alpha / rank (PEFT)
+    c.lora.dropout = 0.1
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the language model's
+    c.lora.dora = True  # DoRA (what released VLM2Vec / B3 models use)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.mode = "lora"  # "lora" (adapters only) or "full" (every language-model weight)
+    c.train.freeze_vision = True  # keep the vision tower fixed (VLM2Vec does)
+    c.train.steps = 1000
+    c.train.batch_size = 64  # global: queries per step over all devices and hosts
+    c.train.gc_chunk_size = 0  # GradCache queries per device per chunk; 0 = no caching
+    c.train.hard_negatives = 0  # explicit / mined hard-negative targets per query
+    c.train.temperature = 0.02
+    c.train.learning_rate = 2e-5
+    c.train.warmup_steps = 100
+    c.train.schedule = "linear"  # decay after warmup: "linear", "cosine" or "constant"
+    c.train.weight_decay = 0.0
+    c.train.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.log_every = 10  # steps between metrics.jsonl lines (the progress bar updates every step)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1  # > 1 shards parameters too (FSDP)
+    c.mesh.tensor = 1  # > 1 splits kernels Megatron-style
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # MMEB-train layout; "" with data.synthetic set = the generated benchmark
+    c.data.synthetic = ""  # "default" or "small": generate (once) and use the synthetic benchmark
+    c.data.synthetic_dir = "~/.cache/vlm2vec_jax/synthetic"  # where the synthetic benchmark is kept
+    c.data.subsets = "all"  # comma-separated subset names, or "all"
+    c.data.split = "original"  # MMEB-train split: "original" or "diverse_instruction"
+    c.data.image_root = ""  # "" = data.root
+    c.data.max_rows_per_subset = 0  # 0 = every row
+    c.data.positive_prompts = False  # B3's target-side prompts
+    c.data.batch_file = ""  # a mined B3 batch file (parquet); "" = random batches
+    c.data.homogeneous = True  # random batches of one task each (VLM2Vec's sampler); False = mixed
+    c.data.bad_data = "skip"  # "skip" (mask and count) or "error"
+    c.data.num_workers = 2  # grain worker processes building batches; 0 = in the training process
+    c.data.prefetch = 2  # batches each worker builds ahead
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.root = ""  # MMEB-eval layout; "" with data.synthetic = the benchmark's eval/
+    c.eval.datasets = "all"
+    c.eval.every = 0  # steps between evaluations; 0 = only at the end; -1 = never
+    c.eval.batch_size = 64
+    c.eval.max_queries = 0  # per dataset; 0 = all
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200  # steps between checkpoints (and at the end, and on SIGTERM)
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+
+    c.export = ml_collections.ConfigDict()
+    c.export.at_end = True  # write workdir/export (LoRA merged), loadable by transformers and Embedder
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # "host:port"; "" = auto-detect (TPU, SLURM) or single process
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.local_devices = 0  # CPU only: devices per process (jax_num_cpu_devices); 0 = default
+    return c

@@ -1,0 +1,28 @@
+"""`python -m vlm2vec_jax.train --config configs/<name>.py [--config.key=value ...]`: contrastive
+training (keys documented in configs/common.py). A run restarted in the same workdir resumes."""
+
+import sys
+
+import ml_collections
+
+from vlm2vec_jax.cli_config import run_cli
+from vlm2vec_jax.training.distributed import initialize
+
+# Failures whose message says all a user needs (bad data, bad value, NaN loss, out of memory).
+REPORTED_ERRORS = (ValueError, FileNotFoundError, MemoryError, FloatingPointError)
+
+
+def main(config: ml_collections.ConfigDict) -> int:
+    initialize(config.distributed)
+    from vlm2vec_jax.training.loop import Trainer  # after jax.distributed is up
+
+    try:
+        Trainer(config).run()
+    except REPORTED_ERRORS as err:
+        print(f"vlm2vec_jax.train: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, command="vlm2vec_jax.train", example_config="configs/demo.py"))

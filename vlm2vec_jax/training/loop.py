@@ -1,0 +1,328 @@
+"""The training run: set up model, data, mesh and state (fresh or resumed), then step, log,
+evaluate, checkpoint and export until `train.steps`, or until SIGTERM (preemption: save and exit).
+
+Every process of a multi-host run executes this same code on its slice of each global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from vlm2vec_jax.cli_config import dump_config
+from vlm2vec_jax.data.bad_data import BadDataReport
+from vlm2vec_jax.data.pipeline import TrainBatchSource, make_train_iterator
+from vlm2vec_jax.data.registry import eval_datasets
+from vlm2vec_jax.embedder import Embedder
+from vlm2vec_jax.evaluation.evaluate import evaluate
+from vlm2vec_jax.evaluation.summary import summarize
+from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
+from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
+from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.processing.image import ImageProcessorConfig
+from vlm2vec_jax.processing.text import TextProcessor
+from vlm2vec_jax.training import data_setup
+from vlm2vec_jax.training.checkpoint import Checkpointer
+from vlm2vec_jax.training.forward import make_embed_factory
+from vlm2vec_jax.training.metrics_log import MetricsLog
+from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir
+from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from vlm2vec_jax.training.sharding import batch_sharding, make_mesh
+from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
+from vlm2vec_jax.training.step import SIDES, StepOptions, TrainState, make_train_step
+from vlm2vec_jax.training.throughput import compiled_flops, device_peak_flops
+
+log = logging.getLogger(__name__)
+MODES = ("lora", "full")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf: training stops, the last good checkpoint stays the latest."""
+
+
+def trainable_filter(mode: str, freeze_vision: bool) -> nnx.filterlib.Filter:
+    """LoRA: the adapters; full: every parameter; plus (or minus) the vision tower."""
+    if mode not in MODES:
+        raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
+    vision = nnx.All(nnx.Param, nnx.PathContains("visual"))
+    if mode == "lora":
+        return LoRAParam if freeze_vision else nnx.Any(LoRAParam, vision)
+    return nnx.All(nnx.Param, nnx.Not(vision)) if freeze_vision else nnx.Param
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put a host-side (or single-device) pytree onto the mesh, leaf by leaf; works on many hosts
+    because every process supplies the same values for the shards it owns."""
+
+    def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def device_batch(record: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """This host's slice of a global batch -> global arrays sharded over the batch axes."""
+    arrays = {**{side: record[side] for side in SIDES}, "valid": record["valid"], "target_valid": record["target_valid"]}
+
+    def put(path: tuple, x: np.ndarray) -> jax.Array:
+        key = leaf_names(path)[-1]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, key, x.ndim), x)
+
+    return jax.tree_util.tree_map_with_path(put, arrays)
+
+
+class Trainer:
+    """One training run described by a config (keys: configs/common.py)."""
+
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        self.config = config
+        self.workdir = Path(config.workdir).expanduser().absolute()
+        self.is_main = jax.process_index() == 0
+        self.stop_requested = False
+        self.report = BadDataReport()
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        c = self.config
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            dump_config(c, self.workdir / "config.json")
+        train_root, self.eval_root = data_setup.data_roots(c)
+        self.train_set = data_setup.load_train_set(c, train_root)
+        self.plan = data_setup.batch_plan(c, self.train_set)
+        self.model_dir = self._model_dir()
+        model = init_model(
+            c.model.init if c.model.init == RANDOM else "hf", self.model_dir, seed=c.seed,
+            dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
+        )
+        if c.train.mode == "lora":
+            targets = tuple(t.strip() for t in c.lora.targets.split(",") if t.strip())
+            lora = LoRAConfig(c.lora.rank, c.lora.alpha, c.lora.dropout, targets, c.lora.dora)
+            apply_lora(model, lora, nnx.Rngs(c.seed + 1))
+        self.graphdef, params, frozen = nnx.split(model, trainable_filter(c.train.mode, c.train.freeze_vision), ...)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # float32 master weights
+        self.mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        self.schedule = learning_rate_schedule(c.train.learning_rate, c.train.steps, c.train.warmup_steps, c.train.schedule)
+        self.optimizer = make_optimizer(
+            self.schedule, weight_decay=c.train.weight_decay, clip_norm=c.train.clip_norm,
+            b1=c.train.adam_b1, b2=c.train.adam_b2, eps=c.train.adam_eps,
+        )
+        self.abstract = abstract_train_state(params, self.optimizer, self.mesh)
+        self.frozen_shardings = param_shardings(frozen, self.mesh)
+        self.frozen = place(frozen, self.frozen_shardings)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            self.state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, self.abstract.params)), self.optimizer, self.abstract)
+            self.start_step = 0
+        else:
+            self.state, meta = self.checkpointer.restore(latest, self.abstract)
+            self.start_step = int(meta["data_position"])
+            self.report = self.report.merge(BadDataReport.from_metrics(meta.get("bad_data", {})))
+            self._print(f"resumed from {self.workdir / 'checkpoints'} at step {self.start_step}")
+        self.dropout = c.train.mode == "lora" and c.lora.dropout > 0
+        self.key = jax.random.key(c.seed)
+        self.metrics_log = MetricsLog(self.workdir, enabled=self.is_main)
+
+    def _model_dir(self) -> Path:
+        """`model.init`'s directory; for a random init, the tokenizer/config directory written once
+        into the workdir from the training texts."""
+        c = self.config
+        if c.model.init != RANDOM:
+            return Path(c.model.init).expanduser()
+        out = self.workdir / "model_init"
+        if self.is_main:
+            corpus = (side.text for pair in self.train_set for side in (pair.query, pair.positive))
+            write_random_model_dir(
+                out, c.model.architecture.to_dict(), corpus, min_pixels=c.model.min_pixels, max_pixels=c.model.max_pixels
+            )
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("model_init written")
+        return out
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        c = self.config
+        source = TrainBatchSource(
+            self.train_set, self.plan, self.model_dir, max_len=c.model.max_len, num_steps=c.train.steps,
+            num_hard_negatives=c.train.hard_negatives, min_pixels=c.model.min_pixels, max_pixels=c.model.max_pixels,
+            rope_rule=c.model.position_rule, bad_data=c.data.bad_data,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        return make_train_iterator(source, self.start_step, c.data.num_workers, c.data.prefetch)
+
+    def _compile(self, batch: dict[str, Any]):
+        c = self.config
+        step = make_train_step(
+            make_embed_factory(self.graphdef, dropout=self.dropout), self.optimizer, self.schedule,
+            StepOptions(c.train.temperature, c.train.gc_chunk_size), self.mesh, self.abstract,
+            self.frozen_shardings, batch,
+        )
+        start = time.perf_counter()
+        compiled = step.lower(self.abstract, self.frozen, batch, self.key).compile()
+        memory = compiled.memory_analysis()
+        self._print(f"compiled the training step in {time.perf_counter() - start:.1f} s; per-device memory: {_describe_memory(memory)}")
+        return compiled
+
+    # ------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        """Train to `train.steps` (or until SIGTERM); returns the last logged metrics."""
+        self.setup()
+        c = self.config
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        records = self._records()
+        last: dict[str, Any] = {}
+        try:
+            step_fn, flops, peak = None, 0.0, device_peak_flops()
+            progress = tqdm(total=c.train.steps, initial=self.start_step, desc="train", unit="step", disable=not self.is_main)
+            tick = time.perf_counter()
+            for step in range(self.start_step, c.train.steps):
+                record = next(records)
+                self.report = self.report.merge(record.pop("bad_data"))
+                batch = device_batch(record, self.mesh)
+                if step_fn is None:
+                    step_fn = self._compile(batch)
+                    flops = compiled_flops(step_fn)
+                    tick = time.perf_counter()
+                self.state, metrics = self._step(step_fn, batch, step, record["rows"])
+                now = time.perf_counter()
+                elapsed, tick = now - tick, now
+                metrics.update(
+                    examples_per_s=c.train.batch_size / elapsed,
+                    tokens_per_s=metrics.pop("tokens") / elapsed,
+                    mfu=flops / elapsed / peak if flops else 0.0,
+                    step_time_s=elapsed,
+                )
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+                done = step + 1
+                if done % c.train.log_every == 0 or done == c.train.steps:
+                    self.metrics_log.write(done, {**metrics, **self.report.metrics()})
+                last = metrics
+                if self._should(c.eval.every, done) and done != c.train.steps:
+                    last.update(self.evaluate(done))
+                    tick = time.perf_counter()
+                if self._preempted():
+                    self.save(done)
+                    self._print(f"SIGTERM: saved step {done} to {self.workdir / 'checkpoints'}; exiting")
+                    return last
+                if self._should(c.checkpoint.every, done) and done != c.train.steps:
+                    self.save(done)
+            progress.close()
+            end = int(self.state.step)
+            if self.start_step < c.train.steps or self.checkpointer.latest_step() != end:
+                self.save(end)
+            if c.eval.every >= 0:
+                last.update(self.evaluate(end))
+            if c.export.at_end:
+                self.export(self.workdir / "export")
+            return last
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if hasattr(records, "close"):
+                records.close()
+            self.checkpointer.close()
+            self.metrics_log.close()
+
+    def _step(self, step_fn, batch: dict[str, Any], step: int, rows: np.ndarray):
+        try:
+            state, metrics = step_fn(self.state, self.frozen, batch, self.key)
+        except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
+            if "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower():
+                raise MemoryError(
+                    f"step {step}: out of device memory ({err}). Lower train.gc_chunk_size (now "
+                    f"{self.config.train.gc_chunk_size}; 0 means no caching) or enable model.remat"
+                ) from err
+            raise
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not math.isfinite(metrics["loss"]):
+            latest = self.checkpointer.latest_step()
+            raise NonFiniteLossError(
+                f"step {step} (batch {step} of the plan, training rows {rows[:8].tolist()}{'...' if len(rows) > 8 else ''}): "
+                f"loss is {metrics['loss']}. Nothing was saved from this step; the last good checkpoint is "
+                f"{'step ' + str(latest) if latest is not None else 'none (no checkpoint yet)'} in {self.workdir / 'checkpoints'}. "
+                "Lower train.learning_rate or raise train.temperature, then rerun to resume from it."
+            )
+        return state, metrics
+
+    @staticmethod
+    def _should(every: int, step: int) -> bool:
+        return every > 0 and step % every == 0
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _preempted(self) -> bool:
+        """True on every host once any host got SIGTERM (all must save the same step)."""
+        if jax.process_count() == 1:
+            return self.stop_requested
+        flags = multihost_utils.process_allgather(np.asarray(self.stop_requested))
+        return bool(np.any(flags))
+
+    # ------------------------------------------------------------------- save, evaluate, export
+    def save(self, step: int) -> None:
+        meta = {"data_position": step, "bad_data": self.report.metrics(), "config": self.config.to_dict()}
+        self.checkpointer.save(step, self.state, meta)
+
+    def current_model(self) -> Qwen2VL:
+        """The model with the current weights, gathered onto every host (for eval and export)."""
+        gather = lambda x: x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)  # noqa: E731
+        params, frozen = jax.tree.map(gather, (self.state.params, self.frozen))
+        return nnx.merge(self.graphdef, params, frozen)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Precision@1 on the eval datasets, logged as eval/<dataset> and eval/<group>."""
+        if self.eval_root is None:
+            return {}
+        c = self.config
+        embedder = Embedder(
+            self.current_model(),
+            TextProcessor.from_pretrained_dir(self.model_dir),
+            ImageProcessorConfig.from_pretrained_dir(self.model_dir, min_pixels=c.model.min_pixels, max_pixels=c.model.max_pixels),
+            position_rule=c.model.position_rule,
+        )
+        queries = data_setup.load_eval_queries(c, self.eval_root)
+        scores = evaluate(embedder, queries, batch_size=c.eval.batch_size, show_progress=self.is_main)
+        summary = summarize(scores, eval_datasets(self.eval_root))
+        values = {f"eval/{name}": score.acc for name, score in scores.items()}
+        values.update({f"eval/{group}": g.acc for group, g in summary.groups.items() if g.acc is not None})
+        self.metrics_log.write(step, values)
+        self._print(f"step {step}: eval/overall Precision@1 = {values.get('eval/overall', float('nan')):.3f}\n" + summary.markdown())
+        return values
+
+    def export(self, out: Path) -> Path:
+        """A Hugging Face directory with LoRA merged, loadable by transformers and `Embedder`."""
+        model = self.current_model()
+        if self.config.train.mode == "lora":
+            merge_lora(model)
+        if self.is_main:
+            save_pretrained(model, out, source_dir=self.model_dir)
+            self._print(f"exported {out}")
+        return out
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+
+def _describe_memory(memory: Any) -> str:
+    if memory is None:
+        return "unavailable on this backend"
+    gib = 2.0**30
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
+    return ", ".join(f"{f.removesuffix('_size_in_bytes')} {getattr(memory, f, 0) / gib:.3f} GiB" for f in fields)

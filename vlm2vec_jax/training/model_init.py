@@ -1,0 +1,63 @@
+"""The model a run starts from: a Hugging Face directory, or a randomly initialised Qwen2-VL-shaped
+model (the demo) whose tokenizer is learned from the training texts and written, with config.json
+and preprocessor_config.json, into the workdir so the run, its export and `Embedder` read it alike."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.testing.random_checkpoint import HUB_PREPROCESSOR_CONFIG
+from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_tokenizer, tiny_hf_config
+
+RANDOM = "random"
+ARCHITECTURE_KEYS = (
+    "text_hidden", "text_layers", "heads", "kv_heads", "intermediate",
+    "vision_dim", "vision_depth", "vision_heads", "vocab_size",
+)
+
+
+def write_random_model_dir(
+    out: Path, architecture: Mapping[str, int], corpus: Iterable[str], *, min_pixels: int, max_pixels: int
+) -> Path:
+    """Tokenizer (BPE of `architecture['vocab_size']` learned on `corpus`), config.json and
+    preprocessor_config.json in `out`; an existing complete directory is reused as it is."""
+    if (out / "config.json").is_file():
+        return out
+    unknown = set(architecture) - set(ARCHITECTURE_KEYS)
+    if unknown:
+        raise ValueError(f"model.architecture: unknown keys {sorted(unknown)}; valid: {', '.join(ARCHITECTURE_KEYS)}")
+    arch = dict(architecture)
+    partial = out.with_name(out.name + ".partial")
+    build_tiny_tokenizer(partial, corpus=corpus, vocab_size=arch.pop("vocab_size"))
+    (partial / "config.json").write_text(json.dumps(tiny_hf_config(partial, **arch), indent=2))
+    (partial / "preprocessor_config.json").write_text(
+        json.dumps({**HUB_PREPROCESSOR_CONFIG, "min_pixels": min_pixels, "max_pixels": max_pixels}, indent=2)
+    )
+    partial.rename(out)
+    return out
+
+
+def init_model(
+    init: str,
+    model_dir: Path,
+    *,
+    seed: int,
+    dtype: str,
+    param_dtype: str,
+    remat: bool,
+    sharding_for: Callable[..., Any] | None = None,
+) -> Qwen2VL:
+    """`init` == "random": a fresh model of `model_dir`'s config.json (seeded); else the weights of
+    the Hugging Face directory `model_dir`."""
+    if init == RANDOM:
+        config = Qwen2VLConfig.from_pretrained_dir(model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        return Qwen2VL(config, rngs=nnx.Rngs(seed))
+    return load_pretrained(model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat, sharding_for=sharding_for)

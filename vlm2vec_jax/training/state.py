@@ -1,0 +1,60 @@
+"""The training state and its layout: which parameters train, and where each array lives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vlm2vec_jax.training.sharding import param_spec, zero2_spec
+from vlm2vec_jax.training.step import TrainState
+
+# Stacked (scanned) layer collections: their leading axis is the layer index.
+STACKED = ("layers", "blocks")
+
+
+def leaf_names(path: tuple) -> tuple[str, ...]:
+    """The dict keys along a pytree path (nnx Variables add attribute keys, dropped here)."""
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """Parameter layout (`sharding.param_spec`) for every leaf of an nnx State."""
+
+    def sharding(path: tuple, x: Any) -> NamedSharding:
+        names = leaf_names(path)
+        return NamedSharding(mesh, param_spec(names, x.shape, mesh, stacked=bool(set(names) & set(STACKED))))
+
+    return jax.tree_util.tree_map_with_path(sharding, params)
+
+
+def abstract_train_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """ShapeDtypeStructs with shardings for the state: parameters by `param_shardings`, optimizer
+    state sharded ZeRO-2 over the batch axes, the step replicated."""
+    shardings = param_shardings(params, mesh)
+    abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    opt_shapes = jax.eval_shape(optimizer.init, abstract_params)
+    abstract_opt = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, zero2_spec(x.shape, mesh))),
+        opt_shapes,
+    )
+    step = jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=NamedSharding(mesh, P()))
+    return TrainState(step=step, params=abstract_params, opt_state=abstract_opt)
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation, abstract: TrainState) -> TrainState:
+    """The state at step 0, placed as `abstract` says (parameters copied in float32)."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+
+    def build(params: Any) -> TrainState:
+        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=optimizer.init(params))
+
+    return jax.jit(build, out_shardings=shardings)(params)
+
+
+def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable parameters, everything else) of `model`."""
+    return nnx.split(model, trainable, ...)
