@@ -18,7 +18,7 @@ def make_embed_factory(graphdef: nnx.GraphDef, *, dropout: bool):
 
     def make_embed(frozen: Any, key: jax.Array) -> EmbedFn:
         def embed(params: Any, inputs: ModelInputs, example_ids: jax.Array) -> jax.Array:
-            model = nnx.merge(graphdef, params, frozen)
+            model = nnx.merge(graphdef, params, frozen, copy=True)  # fresh Variables: mutable in this trace
             if dropout:
                 set_lora_dropout(model, key, example_ids)
             return model(absolute_image_index(inputs))

@@ -1,0 +1,39 @@
+"""Shared builders for the training tests: a real tiny Qwen2-VL batch (images and text, hard
+negatives, a masked target) and a step runner over any mesh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
+from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image
+from vlm2vec_jax.processing.text import TextProcessor
+from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
+
+
+def contrastive_batch(checkpoint: Path, queries: int, hard_negatives: int, length: int = 48) -> dict:
+    """A training batch in the pipeline's layout: queries alternate image / text, targets carry
+    images every third row, one target slot is masked invalid."""
+    text = TextProcessor.from_pretrained_dir(checkpoint, max_len=length)
+    images = ImageProcessorConfig.from_pretrained_dir(checkpoint)
+    per_query = 1 + hard_negatives
+
+    def example(i: int, with_image: bool) -> Example:
+        if with_image:
+            image = process_image(tiny_image(56, 56 + 56 * (i % 2), seed=i), images)
+            return Example(text.encode(f"{text.image_token} picture {i}", [image.num_tokens]), (image,), "hf5")
+        return Example(text.encode(f"caption number {i} red dog " * (1 + i % 3)), (), "hf5")
+
+    def batcher(rows: int) -> Batcher:
+        return Batcher.from_text_processor(text, BucketSpec((length,), (32,), (rows,), batch_size=rows), aligned=True)
+
+    target_valid = np.ones(queries * per_query, bool)
+    target_valid[per_query * (queries - 1) + per_query - 1] = hard_negatives == 0  # mask one negative
+    return {
+        "query": batcher(queries)([example(i, i % 2 == 0) for i in range(queries)]),
+        "target": batcher(queries * per_query)([example(100 + i, i % 3 == 0) for i in range(queries * per_query)]),
+        "valid": np.ones(queries, bool),
+        "target_valid": target_valid,
+    }

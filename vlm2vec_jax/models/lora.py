@@ -1,0 +1,261 @@
+"""LoRA and DoRA adapters on the Qwen2-VL decoder's projections, numerically PEFT's.
+
+VLM2Vec and B3 train PEFT `LoraConfig(use_dora=True, r=8|16, lora_alpha=64, lora_dropout=0.1)` on
+the language model's q/k/v/o/gate/up/down projections. Our decoder fuses q|k|v and gate|up into one
+stacked (scanned) linear each, so one `LoRALinear` wraps a fused linear and adapts each targeted
+column group on its own, exactly as PEFT adapts the separate HF linears; untargeted groups stay
+plain base columns. Every adapter parameter has a leading layer axis like the rest of the stack.
+
+Dropout is a pure function of (step key, example id, layer, target, token index): never of which
+other rows share the batch, so GradCache chunks, sharded and single-device runs all draw the same
+masks. The token index is the position in the padded row, so right padding (or one padded length
+for the whole step) keeps an example's masks independent of the batch's padded length. The keys
+live in `LoRADropoutKeys` variables shaped (layers, batch, key) so that the scan over layers (and
+the inference path's per-layer indexing) slices them like parameters; a zero-size batch axis means
+no dropout, which is also the state right after `apply_lora`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+
+# PEFT's target names, in a fixed order: a target's index here is its dropout stream.
+HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Our fused decoder linears and the HF projections they hold, in column order.
+FUSED_GROUPS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """PEFT's LoraConfig subset VLM2Vec uses; the update is scaled by alpha / rank (not rsLoRA)."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = HF_TARGETS
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in HF_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets: {list(HF_TARGETS)}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRA targets must be non-empty and distinct, got {list(self.targets)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAParam(nnx.Param):
+    """A trainable adapter parameter (A, B, DoRA magnitude): filter on this type to train only the
+    adapters. It subclasses `nnx.Param`, so a filter for frozen base weights must exclude it."""
+
+
+class LoRADropoutKeys(nnx.Variable):
+    """Per-layer, per-example dropout key data (layers, batch, *key_shape); batch 0 = no dropout."""
+
+
+class LoRAGroup(nnx.Module):
+    """The adapter of one HF projection: A (layers, in, r), B (layers, r, out) and, for DoRA, the
+    magnitude (layers, out). Stored float32 whatever the base dtype, as PEFT's
+    `autocast_adapter_dtype` does, so the optimizer updates small values precisely."""
+
+    def __init__(self, a: jax.Array, b: jax.Array, magnitude: jax.Array | None):
+        self.a = LoRAParam(a)
+        self.b = LoRAParam(b)
+        self.magnitude = LoRAParam(magnitude) if magnitude is not None else None
+
+
+def dropout(x: jax.Array, keys: jax.Array, stream: int, rate: float) -> jax.Array:
+    """Inverted dropout (torch's nn.Dropout) of x (B, ..., D): row b's mask is drawn per token from
+    keys[b] folded with `stream` and the token's index, so it depends on nothing else in the batch."""
+    tokens = math.prod(x.shape[1:-1])
+
+    def keep(key_data: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), stream)
+        token_keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(tokens))
+        return jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[-1:]))(token_keys)
+
+    mask = jax.vmap(keep)(keys).reshape(x.shape)
+    return x * jnp.where(mask, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _adapted_kernel(kernel: jax.Array, group: LoRAGroup, scale: float) -> jax.Array:
+    """W + scale * A B in float32, for the DoRA norm and for merging."""
+    return kernel.astype(jnp.float32) + scale * (group.a[...] @ group.b[...])
+
+
+class LoRALinear(nnx.Module):
+    """A fused stacked nnx.Linear whose targeted column groups carry LoRA/DoRA updates."""
+
+    def __init__(self, base: nnx.Linear, layout: Sequence[tuple[str, int]], config: LoRAConfig, rngs: nnx.Rngs):
+        layers, fan_in, fan_out = base.kernel.shape
+        if sum(width for _, width in layout) != fan_out:
+            raise ValueError(f"column groups {list(layout)} do not add up to the linear's {fan_out} outputs")
+        self.base = base
+        self.layout = tuple((name, width) for name, width in layout)
+        self.scale, self.rate, self.use_dora = config.scale, config.dropout, config.use_dora
+        groups, start = {}, 0
+        for name, width in self.layout:
+            if name in config.targets:
+                # PEFT's init_lora_weights=True: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(+-1/sqrt(in)); B = 0.
+                bound = 1.0 / math.sqrt(fan_in)
+                a = jax.random.uniform(rngs.params(), (layers, fan_in, config.rank), jnp.float32, -bound, bound)
+                b = jnp.zeros((layers, config.rank, width), jnp.float32)
+                # DoRA's magnitude starts at the column norm of W (+ the zero update).
+                columns = base.kernel[..., start : start + width].astype(jnp.float32)
+                magnitude = jnp.linalg.norm(columns, axis=1) if config.use_dora else None
+                groups[name] = LoRAGroup(a, b, magnitude)
+            start += width
+        self.lora = nnx.Dict(groups)
+        key_shape = jax.random.key_data(jax.random.key(0)).shape
+        self.dropout_keys = LoRADropoutKeys(jnp.zeros((layers, 0, *key_shape), jnp.uint32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """One layer's slice (the stack is scanned or indexed first): x (B, ..., in) -> (B, ..., out)."""
+        y = self.base(x)
+        keys = self.dropout_keys[...]
+        if self.rate == 0.0 or keys.shape[0] == 0:
+            keys = None
+        elif keys.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"LoRA dropout keys were set for {keys.shape[0]} examples but the batch has {x.shape[0]} rows; "
+                "call set_lora_dropout with this batch's example ids"
+            )
+        pieces, start = [], 0
+        for name, width in self.layout:
+            piece = y[..., start : start + width]
+            if name in self.lora:
+                piece = piece + self._update(name, x, piece, start, width, keys)
+            pieces.append(piece)
+            start += width
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
+
+    def _update(self, name: str, x: jax.Array, base_out: jax.Array, start: int, width: int, keys: jax.Array | None) -> jax.Array:
+        """What PEFT's Linear.forward adds to base(x) for one target (lora/layer.py, lora/dora.py)."""
+        group = self.lora[name]
+        if keys is not None:
+            x = dropout(x, keys, HF_TARGETS.index(name), self.rate)
+        kernel = self.base.kernel[..., start : start + width]
+        x, a, b, kernel = self.base.promote_dtype((x, group.a[...], group.b[...], kernel), dtype=self.base.dtype)
+        lora = ((x @ a) @ b) * self.scale
+        if not self.use_dora:
+            return lora
+        # PEFT detaches ||W + scale A B||: the norm is a constant of the step (DoRA paper, sec. 4.3).
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(_adapted_kernel(kernel, group, self.scale), axis=0))
+        s = (group.magnitude[...] / norm).astype(lora.dtype)
+        if keys is None:  # PEFT reuses base(x) without its bias when no dropout is applied
+            plain = base_out if self.base.bias is None else base_out - self.base.bias[...][start : start + width].astype(base_out.dtype)
+        else:
+            plain = x @ kernel
+        return (s - 1) * plain + s * lora
+
+    def merged_kernel(self) -> jax.Array:
+        """The stacked kernel with every update folded in: W + scale A B for LoRA, and for DoRA
+        (m / ||W + scale A B||) (W + scale A B) per output column (PEFT's merge)."""
+        kernel = self.base.kernel[...]
+        pieces, start = [], 0
+        for name, width in self.layout:
+            piece = kernel[..., start : start + width]
+            if name in self.lora:
+                group = self.lora[name]
+                adapted = _adapted_kernel(piece, group, self.scale)
+                if self.use_dora:
+                    adapted = adapted * (group.magnitude[...] / jnp.linalg.norm(adapted, axis=1))[:, None, :]
+                piece = adapted.astype(kernel.dtype)
+            pieces.append(piece)
+            start += width
+        return jnp.concatenate(pieces, axis=-1)
+
+
+def _group_widths(model: Qwen2VL) -> dict[str, int]:
+    t = model.config.text
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    return dict(
+        q_proj=q, k_proj=kv, v_proj=kv, o_proj=t.hidden_size,
+        gate_proj=t.intermediate_size, up_proj=t.intermediate_size, down_proj=t.hidden_size,
+    )
+
+
+def apply_lora(model: Qwen2VL, config: LoRAConfig, rngs: nnx.Rngs) -> None:
+    """Wrap (in place) each decoder linear holding a target in a `LoRALinear`; the vision tower is
+    untouched. Dropout is off until `set_lora_dropout` is called with example ids."""
+    layers = model.language_model.layers
+    widths = _group_widths(model)
+    for fused, names in FUSED_GROUPS.items():
+        base = getattr(layers, fused)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"language_model.layers.{fused} already has adapters; merge_lora first")
+        if any(name in config.targets for name in names):
+            setattr(layers, fused, LoRALinear(base, [(name, widths[name]) for name in names], config, rngs))
+
+
+def lora_adapters(model: nnx.Module) -> Iterator[LoRALinear]:
+    """Every adapter module of the model (each holds the same dropout keys)."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, LoRALinear):
+            yield node
+
+
+def set_lora_dropout(model: nnx.Module, key: jax.Array, example_ids: jax.Array | None) -> None:
+    """Draw dropout for this forward from `key` (typed or raw, default PRNG) and the batch's
+    example ids (B,), stable identifiers (e.g. global positions in the step's batch): keys[l, b] =
+    fold_in(fold_in(key, example_ids[b]), l). `example_ids=None` turns dropout off; do so for
+    inference (`Qwen2VL.embed` computes the last layer for one token, so its masks would differ from
+    the training path's). Traceable, so it can run inside jit / scan bodies on a merged model."""
+    adapters = list(lora_adapters(model))
+    if not adapters:
+        raise ValueError("the model has no LoRA adapters; call apply_lora first")
+    layers = adapters[0].dropout_keys[...].shape[0]
+    if example_ids is None:
+        data = jnp.zeros((layers, 0, *adapters[0].dropout_keys[...].shape[2:]), jnp.uint32)
+    else:
+        ids = jnp.asarray(example_ids)
+        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"example_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)
+        per_example = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+        per_layer = jax.vmap(lambda l: jax.vmap(lambda k: jax.random.fold_in(k, l))(per_example))(jnp.arange(layers))
+        data = jax.random.key_data(per_layer)
+    for adapter in adapters:
+        adapter.dropout_keys.set_value(data)
+
+
+def merge_lora(model: Qwen2VL) -> None:
+    """Fold every adapter into its base kernel and put the plain nnx.Linear back (in place), so
+    `hf_export.save_pretrained` writes an ordinary Qwen2-VL checkpoint."""
+    layers = model.language_model.layers
+    merged = False
+    for fused in FUSED_GROUPS:
+        adapter = getattr(layers, fused)
+        if isinstance(adapter, LoRALinear):
+            adapter.base.kernel.set_value(adapter.merged_kernel())
+            setattr(layers, fused, adapter.base)
+            merged = True
+    if not merged:
+        raise ValueError("the model has no LoRA adapters to merge")
+
+
+def lora_parameter_count(model: nnx.Module) -> int:
+    """Number of trainable adapter values (A, B and DoRA magnitudes)."""
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, LoRAParam)))
