@@ -59,7 +59,7 @@ def main(chunk_sizes: list[int]) -> None:
             t = embed(p, target, QUERIES + jnp.arange(targets))
             return infonce(q, t, jnp.asarray(batch["valid"]), jnp.asarray(batch["target_valid"]), TEMPERATURE)[0]
 
-        return jax.grad(loss)(params)
+        return jax.jit(jax.grad(loss))(params)
 
     expected = reference(dropout=True)
     results = {"devices": jax.device_count(), "dropout_effect": relative(reference(dropout=False), expected), "errors": {}}

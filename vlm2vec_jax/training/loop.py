@@ -50,7 +50,9 @@ MODES = ("lora", "full")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf: training stops, the last good checkpoint stays the latest."""
+    """The loss became NaN or inf: training stops, nothing is saved from the failing step. The message
+    names the step (1-based, as metrics.jsonl and checkpoints count) and which checkpoint to resume
+    from: one saved right before the failing step holds the very parameters the loss came from."""
 
 
 def trainable_filter(mode: str, freeze_vision: bool) -> nnx.filterlib.Filter:
@@ -251,14 +253,31 @@ class Trainer:
             raise
         metrics = {k: float(v) for k, v in metrics.items()}
         if not math.isfinite(metrics["loss"]):
-            latest = self.checkpointer.latest_step()
             raise NonFiniteLossError(
-                f"step {step} (batch {step} of the plan, training rows {rows[:8].tolist()}{'...' if len(rows) > 8 else ''}): "
-                f"loss is {metrics['loss']}. Nothing was saved from this step; the last good checkpoint is "
-                f"{'step ' + str(latest) if latest is not None else 'none (no checkpoint yet)'} in {self.workdir / 'checkpoints'}. "
-                "Lower train.learning_rate or raise train.temperature, then rerun to resume from it."
+                f"step {step + 1} (batch {step} of the plan, training rows {rows[:8].tolist()}{'...' if len(rows) > 8 else ''}): "
+                f"loss is {metrics['loss']}. Nothing was saved from this step. {self._resume_advice(step)}"
             )
         return state, metrics
+
+    def _resume_advice(self, step: int) -> str:
+        """Which checkpoint to resume from after a non-finite loss at 0-based `step`. A checkpoint at
+        `step` holds the parameters that loss was computed from: resuming from it recomputes the same
+        loss on the same batch, so only a change to the loss itself (temperature) gets past it."""
+        directory = self.workdir / "checkpoints"
+        steps = sorted(self.checkpointer.manager.all_steps())
+        earlier = [s for s in steps if s < step]
+        previous = f"step {earlier[-1]}" if earlier else "none"
+        if step in steps:
+            return (
+                f"The latest checkpoint, step {step} in {directory}, holds the parameters this loss came from: "
+                "resuming from it repeats the failure unless the loss changes (raise train.temperature). To retry "
+                f"with a lower train.learning_rate, delete {directory / str(step)} and rerun to resume from the "
+                f"checkpoint before it ({previous})."
+            )
+        return (
+            f"The last good checkpoint is {previous if earlier else 'none (no checkpoint yet)'} in {directory}. "
+            "Lower train.learning_rate or raise train.temperature, then rerun to resume from it."
+        )
 
     @staticmethod
     def _should(every: int, step: int) -> bool:

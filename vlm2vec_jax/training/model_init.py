@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
@@ -45,6 +46,22 @@ def write_random_model_dir(
     return out
 
 
+def scale_init_(model: nnx.Module, seed: int) -> None:
+    """Re-draw kernels with std 1/sqrt(fan_in) and embeddings with std 1 (in place).
+
+    transformers' std 0.02 suits a pretrained checkpoint's scale, not training from scratch: in a
+    small model it leaves hidden states tiny and attention nearly uniform, and the contrastive loss
+    then collapsed here (every embedding equal, loss ln(batch), zero gradient). Fan-in scaling keeps
+    activations O(1) through every layer."""
+    key = jax.random.key(seed)
+    for i, (path, variable) in enumerate(nnx.iter_graph(model)):
+        if not isinstance(variable, nnx.Param) or not path or path[-1] not in ("kernel", "embedding"):
+            continue
+        value = variable[...]
+        std = 1.0 if path[-1] == "embedding" else value.shape[-2] ** -0.5
+        variable.set_value((std * jax.random.normal(jax.random.fold_in(key, i), value.shape)).astype(value.dtype))
+
+
 def init_model(
     init: str,
     model_dir: Path,
@@ -59,5 +76,7 @@ def init_model(
     the Hugging Face directory `model_dir`."""
     if init == RANDOM:
         config = Qwen2VLConfig.from_pretrained_dir(model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
-        return Qwen2VL(config, rngs=nnx.Rngs(seed))
+        model = Qwen2VL(config, rngs=nnx.Rngs(seed))
+        scale_init_(model, seed)
+        return model
     return load_pretrained(model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat, sharding_for=sharding_for)

@@ -1,0 +1,132 @@
+"""GradCache and the contrastive loss.
+
+The full jitted training step (GradCache scans, shard_map, ZeRO-2 reduce-scatter, LoRA+DoRA with
+dropout on) must give the gradient of plain full-batch autodiff, for any chunking and on 1 or 8
+devices (tests/scripts/gradcache_check.py, run in subprocesses so XLA_FLAGS can set the device
+count). `infonce` is checked against a direct NumPy computation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from training_runs import PYTHON, REPO, environment, finish_all, start, tail
+from vlm2vec_jax.training.loss import infonce
+
+# Chunk sizes (queries per device per chunk) over the 16-query batch: 0 = no caching, 1 = sixteen
+# one-row chunks, 4 = four strided chunks of four rows. Each costs a compilation of the step (~15 s
+# here), so 2, 8 and 16 are left out: one chunk of several rows is covered on 8 devices (chunk 2).
+ONE_DEVICE_CHUNKS = (0, 1, 4)
+# 8 devices: 2 queries per device, so chunk 1 = two chunks per device, 2 = one.
+EIGHT_DEVICE_CHUNKS = (0, 1, 2)
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def gradcache_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    """Both device counts at once (two processes, mostly single-threaded compilation)."""
+    logs = tmp_path_factory.mktemp("gradcache")
+    script = str(REPO / "tests/scripts/gradcache_check.py")
+    runs = {}
+    for devices, chunks in ((1, ONE_DEVICE_CHUNKS), (8, EIGHT_DEVICE_CHUNKS)):
+        log = logs / f"{devices}.log"
+        command = [PYTHON, script, *map(str, chunks)]
+        runs[devices] = (start(command, environment(None, devices), log), log)
+    codes = finish_all(list(runs.values()), timeout=900)
+    results = {}
+    for (devices, (_, log)), code in zip(runs.items(), codes):
+        assert code == 0, f"gradcache_check.py on {devices} device(s) failed ({code}):\n{tail(log)}"
+        lines = [line for line in log.read_text().replace("\r", "\n").splitlines() if line.startswith("{")]
+        results[devices] = json.loads(lines[-1])
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,chunks", [(1, ONE_DEVICE_CHUNKS), (8, EIGHT_DEVICE_CHUNKS)])
+def test_gradcache_step_matches_full_batch_autodiff(gradcache_results: dict, devices: int, chunks: tuple) -> None:
+    result = gradcache_results[devices]
+    assert result["devices"] == devices
+    assert set(result["errors"]) == {str(c) for c in chunks}
+    for chunk, error in result["errors"].items():
+        assert error < TOLERANCE, f"{devices} device(s), gc chunk {chunk}: relative gradient error {error}"
+    # The reference has dropout on: had the step dropped it (or drawn other masks), the error would
+    # be of this size, so the check above does see dropout.
+    assert result["dropout_effect"] > 1e-2
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _reference(q, t, query_valid, target_valid, temperature):
+    """InfoNCE as VLM2Vec states it, in float64: query i's positive is target i * n."""
+    n = t.shape[0] // q.shape[0]
+    logits = q.astype(np.float64) @ t.astype(np.float64).T / temperature
+    logits[:, ~target_valid] = -np.inf
+    log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    labels = np.arange(q.shape[0]) * n
+    picked = log_probs[np.arange(q.shape[0]), labels]
+    loss = -picked[query_valid].mean()
+    accuracy = (logits.argmax(1) == labels)[query_valid].mean()
+    return loss, accuracy
+
+
+def test_infonce_matches_numpy_with_hard_negatives_and_masks() -> None:
+    rng = np.random.default_rng(0)
+    queries, per_query, dim, temperature = 4, 3, 16, 0.05  # n = 1 positive + 2 hard negatives
+    q = _unit(rng.normal(size=(queries, dim)))
+    t = _unit(rng.normal(size=(queries * per_query, dim)))
+    for i in range(queries):  # every positive close to its query
+        t[i * per_query] = _unit(q[i] + 0.1 * rng.normal(size=dim))
+    t[2] = q[0]  # query 0's hard negative beats its positive, but is masked: query 0 still counts correct
+    t[10] = q[3]  # query 3's hard negative beats its positive: query 3 is wrong
+    t[4] = q[1]  # query 1 would be wrong, but query 1 is masked (bad data): it must not count
+    query_valid = np.array([True, False, True, True])
+    target_valid = np.ones(queries * per_query, bool)
+    target_valid[2] = False
+    target_valid[7] = False  # a hard negative of query 2
+
+    loss, metrics = infonce(
+        jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(query_valid), jnp.asarray(target_valid), temperature
+    )
+    expected_loss, expected_accuracy = _reference(q, t, query_valid, target_valid, temperature)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
+    assert expected_accuracy == pytest.approx(2 / 3)  # queries 0 and 2 right, 3 wrong, 1 not counted
+    assert float(metrics["accuracy"]) == pytest.approx(expected_accuracy)
+    assert float(metrics["valid_queries"]) == 3.0
+
+    # The masks matter: unmasking the strong negative of query 0 raises the loss and lowers accuracy.
+    unmasked = np.ones_like(target_valid)
+    loss_all, metrics_all = infonce(
+        jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(query_valid), jnp.asarray(unmasked), temperature
+    )
+    expected_all, accuracy_all = _reference(q, t, query_valid, unmasked, temperature)
+    np.testing.assert_allclose(float(loss_all), expected_all, rtol=1e-5)
+    assert float(loss_all) > float(loss) + 0.5
+    assert accuracy_all == pytest.approx(1 / 3)
+    assert float(metrics_all["accuracy"]) == pytest.approx(accuracy_all)
+
+    # An invalid query adds nothing: its embedding can be anything (even NaN) without effect.
+    q_bad = q.copy()
+    q_bad[1] = np.nan
+    loss_bad, metrics_bad = infonce(
+        jnp.asarray(q_bad, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(query_valid), jnp.asarray(target_valid), temperature
+    )
+    np.testing.assert_allclose(float(loss_bad), float(loss), rtol=1e-6)
+    assert float(metrics_bad["accuracy"]) == pytest.approx(2 / 3)
+
+
+def test_infonce_one_target_per_query_is_in_batch_softmax() -> None:
+    """n = 1: the classic in-batch-negatives loss, mean -log softmax of the diagonal."""
+    rng = np.random.default_rng(1)
+    q, t = _unit(rng.normal(size=(5, 8))), _unit(rng.normal(size=(5, 8)))
+    valid = np.ones(5, bool)
+    loss, metrics = infonce(jnp.asarray(q), jnp.asarray(t), jnp.asarray(valid), jnp.asarray(valid), 0.1)
+    logits = q @ t.T / 0.1
+    diag = np.diag(logits) - np.log(np.exp(logits).sum(1))
+    np.testing.assert_allclose(float(loss), -diag.mean(), rtol=1e-5)
+    assert float(metrics["accuracy"]) == pytest.approx(np.mean(logits.argmax(1) == np.arange(5)))

@@ -1,0 +1,78 @@
+"""The same training run on 8 simulated devices gives what it gives on one: per-step losses and final
+parameters, for pure data parallelism with GradCache (shard_map, ZeRO-2 reduce-scatter) and for a
+mesh that shards the parameters too (data 2 x fsdp 2 x tensor 2, XLA's partitioner). The 8-device
+checkpoints are restored onto one device (orbax reshards), which is itself part of the check."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from training_runs import final_losses, flat_numpy, metrics, restore_latest, run_config, shared_runs
+
+pytestmark = pytest.mark.slow
+
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    names = ("baseline_1dev", "dp8_gc1", "fsdp2_tp2")
+    return dict(zip(names, shared_runs(tmp_path_factory, *names)))
+
+
+@pytest.fixture(scope="module")
+def baseline_state(runs):
+    return restore_latest(runs["baseline_1dev"])
+
+
+def _per_step(workdir, key: str) -> np.ndarray:
+    return np.array([line[key] for line in metrics(workdir) if key in line])
+
+
+def _saved_layout(workdir) -> dict[str, list]:
+    """Leaf path ('params.language_model...') -> the PartitionSpec its array had when the run saved
+    its latest checkpoint, from the sharding record orbax keeps beside the arrays."""
+    latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    record = json.loads((workdir / "checkpoints" / str(latest) / "state" / "_sharding").read_text())
+    return {base64.b64decode(k).decode().removesuffix(".value"): json.loads(v)["partition_spec"] for k, v in record.items()}
+
+
+@pytest.mark.parametrize("name", ["dp8_gc1", "fsdp2_tp2"])
+def test_eight_devices_match_one_device(runs, baseline_state, name: str) -> None:
+    workdir = runs[name]
+    config = run_config(workdir)
+    assert config.train.batch_size == 8
+    expected, got = final_losses(runs["baseline_1dev"]), final_losses(workdir)
+    np.testing.assert_allclose(got, expected, rtol=LOSS_RTOL)
+    assert len(set(np.round(expected, 3))) > 3  # the losses do move: the comparison is not of constants
+    # The gradient's size too (Adam would hide a gradient scaled by the device count).
+    np.testing.assert_allclose(_per_step(workdir, "grad_norm"), _per_step(runs["baseline_1dev"], "grad_norm"), rtol=1e-4)
+
+    step, state, _ = restore_latest(workdir)
+    base_step, base, _ = baseline_state
+    assert step == base_step == int(state.step)
+    a, b = flat_numpy(base.params), flat_numpy(state.params)
+    assert a.keys() == b.keys()
+    for leaf in a:
+        # Adam normalises each update, so a near-zero gradient's rounding can move a weight by up to
+        # about a learning rate; everything else agrees to float32 rounding of the sums.
+        np.testing.assert_allclose(b[leaf], a[leaf], rtol=1e-4, atol=5e-4, err_msg=leaf)
+
+
+def test_the_runs_really_use_their_layouts(runs) -> None:
+    """What the comparison above covers: ZeRO-2 (parameters replicated, optimizer moments split
+    over the batch axes) and, on the (2, 2, 2) mesh, parameters split over fsdp and tensor."""
+    dp = _saved_layout(runs["dp8_gc1"])
+    params = {k: v for k, v in dp.items() if k.startswith("params.")}
+    assert params and all(all(axis is None for axis in spec) for spec in params.values()), params
+    assert any(["data", "fsdp"] in spec for k, spec in dp.items() if k.startswith("opt_state.")), dp
+
+    sharded = _saved_layout(runs["fsdp2_tp2"])
+    layers = "params.language_model.layers"
+    assert sharded[f"{layers}.qkv_proj.kernel"] == [None, "fsdp", "tensor"]  # column-parallel
+    assert sharded[f"{layers}.o_proj.kernel"] == [None, "tensor", "fsdp"]  # row-parallel
+    assert sharded["params.language_model.embed_tokens.embedding"] == ["fsdp", None]

@@ -1,0 +1,311 @@
+"""Helpers for the end-to-end training tests: tiny CLI runs of `vlm2vec_jax.train` in subprocesses
+(device counts, kills and multi-process runs need their own interpreter), their metrics, and the
+restore of a run's latest orbax checkpoint through the project's own `Checkpointer` and
+`abstract_train_state` on one device (whatever mesh wrote it).
+
+Runs in one pytest session share one synthetic benchmark and one persistent XLA compilation cache
+(`shared_dirs`): a run whose configuration another run already compiled loads its executables
+instead of compiling them (the same binary, so the numbers are the same), which keeps the resume
+tests' three restarts cheap. The runs several test files compare against (`SHARED_RUNS`) run once
+per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+STEPS = 8
+# A model small enough that a run is mostly compilation; every key exists in configs/common.py.
+TINY = {
+    "data.synthetic": "small",
+    "model.architecture.text_hidden": 32,
+    "model.architecture.text_layers": 1,
+    "model.architecture.heads": 2,
+    "model.architecture.kv_heads": 1,
+    "model.architecture.intermediate": 64,
+    "model.architecture.vision_dim": 16,
+    "model.architecture.vision_depth": 1,
+    "model.architecture.vision_heads": 1,
+    "model.architecture.vocab_size": 400,
+    "model.max_len": 48,
+    "train.batch_size": 8,
+    "train.steps": STEPS,
+    "train.warmup_steps": 2,
+    "eval.every": -1,
+    "export.at_end": False,
+    "data.num_workers": 0,
+    "train.log_every": 1,
+    "checkpoint.every": 1,
+}
+RUN_TIMEOUT = 600
+
+
+def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's synthetic benchmark and XLA compilation cache directories (same paths for every
+    test file of one pytest session: they live directly under the session's base temp dir)."""
+    root = tmp_path_factory.getbasetemp() / "training_shared"
+    dirs = {"synthetic": root / "synthetic", "xla_cache": root / "xla_cache"}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    from vlm2vec_jax.data.synthetic import generate
+
+    generate(dirs["synthetic"] / f"{TINY['data.synthetic']}-seed0", seed=0, scale=TINY["data.synthetic"])  # once; reused after
+    return dirs
+
+
+def overrides(values: dict[str, Any]) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def train_command(workdir: Path, shared: dict[str, Path], **extra: Any) -> list[str]:
+    """`python -m vlm2vec_jax.train` of the tiny config in `workdir`; `extra` overrides keys, with
+    `__` for dots (`train__gc_chunk_size=1`)."""
+    values = {**TINY, "data.synthetic_dir": shared["synthetic"], "workdir": workdir}
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [PYTHON, "-m", "vlm2vec_jax.train", "--config", str(REPO / "configs/demo.py"), *overrides(values)]
+
+
+def environment(shared: dict[str, Path] | None, devices: int = 1, cache: bool = True) -> dict[str, str]:
+    """The subprocess environment: `devices` simulated CPU devices, the shared compilation cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if cache and shared is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(shared["xla_cache"])
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
+def start(command: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start `command` with stdout and stderr into `log` (a file, so a chatty child never blocks)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log, "wb")
+    try:
+        return subprocess.Popen(list(command), env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    finally:
+        handle.close()
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT) -> int:
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"timed out after {timeout} s:\n{tail(log)}") from None
+
+
+def finish_all(processes: Sequence[tuple[subprocess.Popen, Path]], timeout: float = RUN_TIMEOUT, grace: float = 60) -> list[int]:
+    """Exit codes of processes that run together. Once one fails, the others get `grace` seconds
+    (peers of a multi-process run would otherwise wait for it at a barrier) and are then killed;
+    none outlives this call."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p, _ in processes):
+            if any(p.returncode not in (None, 0) for p, _ in processes):
+                deadline = min(deadline, time.monotonic() + grace)
+            if time.monotonic() > deadline:
+                stuck = [str(log) for p, log in processes if p.poll() is None]
+                raise AssertionError(f"timed out waiting for {stuck}:\n" + "\n\n".join(tail(log) for _, log in processes))
+            time.sleep(0.05)
+    finally:
+        for p, _ in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p, _ in processes]
+
+
+def run(command: Sequence[str], env: dict[str, str], log: Path, timeout: float = RUN_TIMEOUT) -> int:
+    return finish(start(command, env, log), log, timeout)
+
+
+def run_ok(command: Sequence[str], env: dict[str, str], log: Path) -> None:
+    code = run(command, env, log)
+    assert code == 0, f"exit code {code}:\n{tail(log)}"
+
+
+def tail(log: Path, chars: int = 4000) -> str:
+    """The end of a log, progress-bar carriage returns turned into lines."""
+    text = log.read_text(errors="replace").replace("\r", "\n") if log.exists() else "(no log)"
+    return text[-chars:]
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path, what: str, timeout: float = RUN_TIMEOUT) -> None:
+    """Poll `condition` every 5 ms; fail if the process exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run exited (code {process.returncode}) before {what}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}:\n{tail(log)}")
+        time.sleep(0.005)
+
+
+def metrics(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_losses(workdir: Path) -> dict[int, list[float]]:
+    """Every logged loss per step (a resumed run may log a step twice: both must agree)."""
+    out: dict[int, list[float]] = {}
+    for line in metrics(workdir):
+        if "loss" in line:
+            out.setdefault(int(line["step"]), []).append(float(line["loss"]))
+    return out
+
+
+def final_losses(workdir: Path) -> np.ndarray:
+    losses = step_losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1)), f"logged steps {sorted(losses)}"
+    return np.array([losses[s][-1] for s in range(1, STEPS + 1)])
+
+
+def finished_steps(checkpoints: Path) -> list[int]:
+    """Step directories orbax has finished (renamed from their temporary name into place)."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+
+
+# ------------------------------------------------------------------------------ restore in-process
+def run_config(workdir: Path):
+    """The config a run recorded in `workdir/config.json`."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+
+
+def trainable_template(config) -> tuple[Any, Any]:
+    """(graphdef, abstract trainable parameters in float32) of a run's model, as the Trainer splits it
+    (no weights are computed)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vlm2vec_jax.training.loop import trainable_filter
+
+    model = nnx.eval_shape(lambda: build_model(config))
+    graphdef, params, _ = nnx.split(model, trainable_filter(config.train.mode, config.train.freeze_vision), ...)
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+
+
+def build_model(config):
+    """The run's initial model (random init from the seed, LoRA applied as the Trainer does)."""
+    from flax import nnx
+
+    from vlm2vec_jax.models.lora import LoRAConfig, apply_lora
+    from vlm2vec_jax.training.model_init import init_model
+
+    model = init_model(
+        config.model.init, Path(config.workdir) / "model_init", seed=config.seed,
+        dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+    )
+    if config.train.mode == "lora":
+        targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+        lora = LoRAConfig(config.lora.rank, config.lora.alpha, config.lora.dropout, targets, config.lora.dora)
+        apply_lora(model, lora, nnx.Rngs(config.seed + 1))
+    return model
+
+
+def restore_latest(workdir: Path, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
+    """(step, TrainState on one device, metadata) of `workdir`'s latest (or given) checkpoint."""
+    import jax
+
+    from vlm2vec_jax.training.checkpoint import Checkpointer
+    from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
+    from vlm2vec_jax.training.sharding import make_mesh
+    from vlm2vec_jax.training.state import abstract_train_state
+
+    c = run_config(workdir)
+    _, params = trainable_template(c)
+    schedule = learning_rate_schedule(c.train.learning_rate, c.train.steps, c.train.warmup_steps, c.train.schedule)
+    optimizer = make_optimizer(
+        schedule, weight_decay=c.train.weight_decay, clip_norm=c.train.clip_norm,
+        b1=c.train.adam_b1, b2=c.train.adam_b2, eps=c.train.adam_eps,
+    )
+    abstract = abstract_train_state(params, optimizer, make_mesh(devices=jax.devices()[:1]))
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        assert step is not None, f"no checkpoint in {workdir / 'checkpoints'}"
+        state, meta = checkpointer.restore(step, abstract)
+    finally:
+        checkpointer.close()
+    return step, state, meta
+
+
+def flat_numpy(tree: Any) -> dict[str, np.ndarray]:
+    """{'a/b/c': array} of a pytree (nnx States included)."""
+    import jax
+
+    from vlm2vec_jax.training.state import leaf_names
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(leaf_names(path)): np.asarray(x) for path, x in leaves}
+
+
+# ------------------------------------------------------------------------- memoised shared runs
+_RUNS: dict[str, Path] = {}
+# name -> (devices, overrides): the runs several test files compare against.
+SHARED_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
+    # The reference: uninterrupted, one device, full fine-tuning, no GradCache.
+    "baseline_1dev": (1, {}),
+    # Pure data parallelism on 8 simulated devices (shard_map path), GradCache chunks of 1 query.
+    "dp8_gc1": (8, {"train__gc_chunk_size": 1}),
+    # Parameters sharded too: mesh (data, fsdp, tensor) = (2, 2, 2), XLA's partitioner path.
+    "fsdp2_tp2": (8, {"mesh__data": 2, "mesh__fsdp": 2, "mesh__tensor": 2}),
+}
+
+
+def shared_runs(tmp_path_factory: pytest.TempPathFactory, *names: str) -> list[Path]:
+    """Completed `SHARED_RUNS`, each executed once per session; missing ones run concurrently."""
+    shared = shared_dirs(tmp_path_factory)
+    root = tmp_path_factory.getbasetemp() / "training_shared"
+    started = {}
+    for name in names:
+        if name not in _RUNS and name not in started:
+            devices, extra = SHARED_RUNS[name]
+            log = root / f"{name}.log"
+            started[name] = (start(train_command(root / name, shared, **extra), environment(shared, devices), log), log)
+    codes = finish_all(list(started.values()))
+    for (name, (_, log)), code in zip(started.items(), codes):
+        assert code == 0, f"{name}: exit code {code}:\n{tail(log)}"
+        _RUNS[name] = root / name
+    return [_RUNS[name] for name in names]
+
+
+def baseline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_runs(tmp_path_factory, "baseline_1dev")[0]
