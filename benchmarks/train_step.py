@@ -21,11 +21,9 @@ L2 norm). Runs are interleaved and medians reported.
    head, use_cache=False, torch AdamW + clip_grad_norm_), both without GradCache. Before timing,
    identical weights (our adapters are copied into PEFT's) and dropout off: the losses of two
    consecutive steps must agree (the second one checks gradients and the AdamW update too).
-4. MFU: the step's FLOPs over its median time against `measured_matmul_peak()`. XLA's cost
-   analysis (`throughput.compiled_flops`, what the trainer logs) counts a while loop's body once,
-   whatever its trip count, so it undercounts scanned layers and GradCache chunks; the matmul
-   FLOPs counted on the step's jaxpr (scan bodies times their length) are reported next to it.
-   MFU uses the no-cache step's FLOPs for every row (GradCache's second forward is
+4. MFU: the step's FLOPs over its median time against `measured_matmul_peak()`. FLOPs are the
+   matmuls of the traced step (`throughput.matmul_flops`, what the trainer logs; scan bodies times
+   their length, which XLA's cost analysis would count once). MFU uses the no-cache step's FLOPs for every row (GradCache's second forward is
    recomputation, not model work; torch runs the same math); HFU uses each step's executed FLOPs.
 
     python benchmarks/train_step.py [--batch-size 16] [--repeats 5] [--memory-batches 64,128,256,512]
@@ -37,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -46,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.extend
 import numpy as np
 import optax
 import torch
@@ -65,7 +61,7 @@ from vlm2vec_jax.training.optimizer import make_optimizer
 from vlm2vec_jax.training.sharding import batch_sharding, make_mesh
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, param_shardings
 from vlm2vec_jax.training.step import SIDES, StepOptions, make_train_step
-from vlm2vec_jax.training.throughput import compiled_flops, measured_matmul_peak
+from vlm2vec_jax.training.throughput import matmul_flops, measured_matmul_peak
 
 INSTRUCTION = "Represent the given image with the following question: what is shown in the picture, and how many objects are there? "
 CAPTION = "A photo of a dog running on the green grass in the park. A red car is parked next to a small white house on the street. "
@@ -137,33 +133,6 @@ def abstract_batch(batch: dict, mesh: jax.sharding.Mesh, queries: int) -> dict:
     return {**out, **{m: scale(m, batch[m]) for m in ("valid", "target_valid")}}
 
 
-# -------------------------------------------------------------------------------------- FLOPs
-def jaxpr_matmul_flops(jaxpr: Any) -> float:
-    """2 * MACs of every dot_general / convolution, scan bodies counted `length` times, the largest
-    branch of a cond; while loops of unknown trip count (none in the step) count once."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (_, rc), (_, rb) = eqn.params["dimension_numbers"]
-            lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
-            total += 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in rc and i not in rb)
-        elif name == "conv_general_dilated":
-            lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
-            out = eqn.outvars[0].aval.shape
-            total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-        subs = [p for v in eqn.params.values() for p in (v if isinstance(v, (tuple, list)) else (v,))
-                if isinstance(p, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
-        counts = [jaxpr_matmul_flops(getattr(s, "jaxpr", s)) for s in subs]
-        if name == "scan":
-            total += eqn.params["length"] * sum(counts)
-        elif name == "cond":
-            total += max(counts, default=0.0)
-        else:
-            total += sum(counts)
-    return total
-
-
 # ---------------------------------------------------------------------------------------- ours
 class Ours:
     def __init__(self, directory: str, args: argparse.Namespace):
@@ -199,7 +168,7 @@ class Ours:
         traced = step.trace(self.abstract, self.frozen, batch, self.key)
         compiled = traced.lower().compile()
         seconds = time.perf_counter() - start
-        return compiled, seconds, jaxpr_matmul_flops(traced.jaxpr.jaxpr)
+        return compiled, seconds, matmul_flops(traced.jaxpr.jaxpr)
 
     def adapters(self) -> dict[str, dict[str, np.ndarray]]:
         """{hf target: {a, b, magnitude}} stacked over layers, from the initial parameters."""
@@ -376,9 +345,8 @@ def main() -> None:
 
         # ---- FLOPs / MFU
         peak = measured_matmul_peak()
-        xla = {name: compiled_flops(c) for name, c in compiled.items()}
         results["peak_flops"] = peak
-        results["flops_jaxpr"], results["flops_xla"] = flops, xla
+        results["flops"] = flops
         del compiled, state
 
         # ---- memory at a fixed chunk over growing batches (compile only)
@@ -399,13 +367,12 @@ def main() -> None:
 
 
 def report(results: dict, variants: dict, args: argparse.Namespace) -> None:
-    med, flops, xla, peak = results["step_s"], results["flops_jaxpr"], results["flops_xla"], results["peak_flops"]
+    med, flops, peak = results["step_s"], results["flops"], results["peak_flops"]
     b = args.batch_size
     names = list(variants)
     model_flops = flops[names[0]]  # the no-cache step's: GradCache's second forward is recomputation
     results["mfu"] = {n: model_flops / t / peak for n, t in med.items()}
     results["hfu"] = {n: flops.get(n, model_flops) / t / peak for n, t in med.items()}
-    results["mfu_xla"] = {n: xla[n] / t / peak for n, t in med.items() if n in xla}
     print()
     print(f"small Qwen2-VL (text {args.text_hidden} x {args.text_layers}, vision {args.vision_dim} x {args.vision_depth}), "
           f"batch {b} queries ({args.image_size}x{args.image_size} image + ~{args.query_text_tokens} tokens) + {b} text targets, "
@@ -415,15 +382,11 @@ def report(results: dict, variants: dict, args: argparse.Namespace) -> None:
         lc = results["loss_check"]
         print(f"loss check (dropout off, same weights, 2 steps): ours {[round(x, 6) for x in lc['ours']]} "
               f"torch {[round(x, 6) for x in lc['torch']]} max |diff| {lc['max_abs_diff']:.1e}")
-    print(f"{'step':24} {'seconds':>8} {'queries/s':>9} {'GFLOP':>7} {'GFLOP XLA':>9} {'MFU':>6} {'HFU':>6} {'MFU XLA':>7}")
+    print(f"{'step':24} {'seconds':>8} {'queries/s':>9} {'GFLOP':>7} {'MFU':>6} {'HFU':>6}")
     for n in med:
-        x = f"{xla[n] / 1e9:9.1f}" if n in xla else f"{'-':>9}"
-        mx = f"{results['mfu_xla'][n]:7.1%}" if n in xla else f"{'-':>7}"
-        print(f"{n:24} {med[n]:8.3f} {b / med[n]:9.1f} {flops.get(n, model_flops) / 1e9:7.1f} {x} "
-              f"{results['mfu'][n]:6.1%} {results['hfu'][n]:6.1%} {mx}")
-    print(f"  GFLOP: matmul FLOPs executed, counted on the step's jaxpr (torch: same math as our no-cache step); "
-          f"GFLOP XLA: compiled.cost_analysis() (throughput.compiled_flops, what the trainer logs), which counts "
-          f"loop bodies once. MFU: no-cache FLOPs / time / peak; HFU: executed FLOPs / time / peak; "
+        print(f"{n:24} {med[n]:8.3f} {b / med[n]:9.1f} {flops.get(n, model_flops) / 1e9:7.1f} "
+              f"{results['mfu'][n]:6.1%} {results['hfu'][n]:6.1%}")
+    print(f"  GFLOP: matmul FLOPs executed, counted on the step's jaxpr (torch: same math as our no-cache step). MFU: no-cache FLOPs / time / peak; HFU: executed FLOPs / time / peak; "
           f"peak: measured float32 matmul {peak / 1e9:.1f} GFLOP/s")
     gc_ratio = med[names[2]] / med[names[1]]
     cache_ratio = med[names[1]] / med[names[0]]

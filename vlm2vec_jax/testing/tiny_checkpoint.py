@@ -217,6 +217,10 @@ def tiny_hf_config(
             "num_heads": vision_heads,
             "mlp_ratio": 4,
         },
+        # Top level too: transformers' Qwen2VLConfig otherwise fills in the real Qwen vocabulary's ids.
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
         "vision_start_token_id": ids["<|vision_start|>"],

@@ -45,24 +45,28 @@ def _tokens_per_row(inputs: ModelInputs) -> int:
     return 0 if rows == 0 else patches // MERGE_UNITS
 
 
-def split_rows(tree: dict[str, jax.Array], num_chunks: int) -> dict[str, jax.Array]:
-    """Each array (rows on its `row_axis`) -> (num_chunks, ...) with chunk k = rows k::num_chunks.
-    Zero-row arrays (a side without images) get a leading axis of num_chunks and stay empty."""
+def take_chunk(tree: dict[str, jax.Array], num_chunks: int, k: jax.Array) -> dict[str, jax.Array]:
+    """Chunk `k` (traced) of each array: rows k, k + num_chunks, ... on its `row_axis`.
 
-    def split(key: str, x: jax.Array) -> jax.Array:
+    Read in place inside the GradCache scans: viewing rows as (rows / n, n) is free in row-major
+    layout, so each chunk is one strided dynamic slice and the step never holds a chunk-major copy
+    of the whole batch (which would grow its memory with the batch). Zero-row arrays (a side
+    without images) come back as they are."""
+
+    def take(key: str, x: jax.Array) -> jax.Array:
         axis = row_axis(key)
         rows = x.shape[axis]
         if rows == 0:
-            return jnp.zeros((num_chunks, *x.shape), x.dtype)
+            return x
         if rows % num_chunks:
             raise ValueError(f"{key}: {rows} rows do not split into {num_chunks} chunks")
         x = x.reshape(*x.shape[:axis], rows // num_chunks, num_chunks, *x.shape[axis + 1 :])
-        return jnp.moveaxis(x, axis + 1, 0)
+        return jax.lax.dynamic_index_in_dim(x, k, axis=axis + 1, keepdims=False)
 
-    return {key: split(key, x) for key, x in tree.items()}
+    return {key: take(key, x) for key, x in tree.items()}
 
 
 def merge_rows(chunked: jax.Array) -> jax.Array:
-    """Inverse of `split_rows` for a (num_chunks, rows_per_chunk, ...) array with rows on axis 1."""
+    """The rows of a (num_chunks, rows_per_chunk, ...) stack of `take_chunk` results, in batch order."""
     n, per_chunk = chunked.shape[:2]
     return jnp.swapaxes(chunked, 0, 1).reshape(n * per_chunk, *chunked.shape[2:])

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm2vec_jax.batch import ModelInputs
-from vlm2vec_jax.training.chunks import merge_rows, split_rows
+from vlm2vec_jax.training.chunks import merge_rows, take_chunk
 
 Params = Any
 # embed(params, inputs, example_ids) -> (rows, D) unit vectors; randomness keyed by example id.
@@ -69,26 +69,24 @@ def contrastive_grads(
         loss, metrics, dq, dt = embedding_grads(q_emb, t_emb)
         return loss, metrics, pullback((dq, dt))[0]
 
-    chunks = (
-        split_rows(query, num_chunks),
-        split_rows(target, num_chunks),
-        split_rows({"ids": query_ids}, num_chunks)["ids"],
-        split_rows({"ids": target_ids}, num_chunks)["ids"],
-    )
+    def chunk_inputs(k: jax.Array) -> tuple[ModelInputs, ModelInputs, jax.Array, jax.Array]:
+        ids = take_chunk({"query": query_ids, "target": target_ids}, num_chunks, k)
+        return take_chunk(query, num_chunks, k), take_chunk(target, num_chunks, k), ids["query"], ids["target"]
 
-    def pass1(_: None, chunk: tuple) -> tuple[None, tuple[jax.Array, jax.Array]]:
-        return None, embed_both(jax.lax.stop_gradient(params), *chunk)
+    def pass1(_: None, k: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
+        return None, embed_both(jax.lax.stop_gradient(params), *chunk_inputs(k))
 
-    _, (q_emb, t_emb) = jax.lax.scan(pass1, None, chunks)
+    chunk_numbers = jnp.arange(num_chunks)
+    _, (q_emb, t_emb) = jax.lax.scan(pass1, None, chunk_numbers)
     loss, metrics, dq, dt = embedding_grads(merge_rows(q_emb), merge_rows(t_emb))
-    cotangents = split_rows({"q": dq, "t": dt}, num_chunks)
 
-    def pass2(acc: Params, xs: tuple) -> tuple[Params, None]:
-        chunk, (dq_chunk, dt_chunk) = xs
+    def pass2(acc: Params, k: jax.Array) -> tuple[Params, None]:
+        chunk = chunk_inputs(k)
+        cotangent = take_chunk({"q": dq, "t": dt}, num_chunks, k)
         _, pullback = jax.vjp(lambda p: embed_both(p, *chunk), params)
-        (grads,) = pullback((dq_chunk, dt_chunk))
+        (grads,) = pullback((cotangent["q"], cotangent["t"]))
         return jax.tree.map(jnp.add, acc, grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(pass2, zeros, (chunks, (cotangents["q"], cotangents["t"])))
+    grads, _ = jax.lax.scan(pass2, zeros, chunk_numbers)
     return loss, metrics, grads

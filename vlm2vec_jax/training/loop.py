@@ -43,7 +43,7 @@ from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimize
 from vlm2vec_jax.training.sharding import batch_sharding, make_mesh
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
 from vlm2vec_jax.training.step import SIDES, StepOptions, TrainState, make_train_step
-from vlm2vec_jax.training.throughput import compiled_flops, device_peak_flops
+from vlm2vec_jax.training.throughput import matmul_flops, peak_flops
 
 log = logging.getLogger(__name__)
 MODES = ("lora", "full")
@@ -146,6 +146,8 @@ class Trainer:
         """`model.init`'s directory; for a random init, the tokenizer/config directory written once
         into the workdir from the training texts."""
         c = self.config
+        if not c.model.init:
+            raise ValueError("model.init is empty: set it to a local Hugging Face Qwen2-VL directory, or to 'random'")
         if c.model.init != RANDOM:
             return Path(c.model.init).expanduser()
         out = self.workdir / "model_init"
@@ -168,7 +170,8 @@ class Trainer:
         )
         return make_train_iterator(source, self.start_step, c.data.num_workers, c.data.prefetch)
 
-    def _compile(self, batch: dict[str, Any]):
+    def _compile(self, batch: dict[str, Any]) -> tuple[jax.stages.Compiled, float]:
+        """The compiled step and its model FLOPs (matmuls over the global batch)."""
         c = self.config
         step = make_train_step(
             make_embed_factory(self.graphdef, dropout=self.dropout), self.optimizer, self.schedule,
@@ -176,10 +179,11 @@ class Trainer:
             self.frozen_shardings, batch,
         )
         start = time.perf_counter()
-        compiled = step.lower(self.abstract, self.frozen, batch, self.key).compile()
+        traced = step.trace(self.abstract, self.frozen, batch, self.key)
+        compiled = traced.lower().compile()
         memory = compiled.memory_analysis()
         self._print(f"compiled the training step in {time.perf_counter() - start:.1f} s; per-device memory: {_describe_memory(memory)}")
-        return compiled
+        return compiled, matmul_flops(traced.jaxpr.jaxpr)
 
     # ------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -190,7 +194,7 @@ class Trainer:
         records = self._records()
         last: dict[str, Any] = {}
         try:
-            step_fn, flops, peak = None, 0.0, device_peak_flops()
+            step_fn, flops, peak = None, 0.0, peak_flops()
             progress = tqdm(total=c.train.steps, initial=self.start_step, desc="train", unit="step", disable=not self.is_main)
             tick = time.perf_counter()
             for step in range(self.start_step, c.train.steps):
@@ -198,8 +202,7 @@ class Trainer:
                 self.report = self.report.merge(record.pop("bad_data"))
                 batch = device_batch(record, self.mesh)
                 if step_fn is None:
-                    step_fn = self._compile(batch)
-                    flops = compiled_flops(step_fn)
+                    step_fn, flops = self._compile(batch)
                     tick = time.perf_counter()
                 self.state, metrics = self._step(step_fn, batch, step, record["rows"])
                 now = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation: the compiled step's FLOPs over the devices' peak.
+"""Model FLOPs utilisation: the traced step's matmul FLOPs over the devices' peak.
 
 Peaks of accelerators are their published dense bf16 figures; a CPU's peak is measured once, as the
 rate of a large float32 matmul (what its GEMM kernels reach), so MFU on CPU reads as a share of
@@ -8,9 +8,11 @@ what the machine can actually do.
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
 # Dense bf16 peak FLOP/s per device, by substrings of `device_kind` (first match wins).
@@ -36,18 +38,42 @@ def measured_matmul_peak(size: int = CPU_MATMUL_SIZE, repeats: int = 5) -> float
     return 2 * size**3 / best
 
 
-def device_peak_flops(device: jax.Device | None = None) -> float:
-    """Peak FLOP/s of one device: published for known accelerators, measured on CPUs."""
-    device = device or jax.devices()[0]
+def peak_flops() -> float:
+    """Peak FLOP/s of all devices of the run: published figures for known accelerators; on CPUs the
+    measured matmul rate of each host (simulated CPU devices share one host's cores)."""
+    device = jax.devices()[0]
     for name, peak in PUBLISHED_PEAKS:
         if name.lower() in device.device_kind.lower():
-            return peak
-    return measured_matmul_peak()
+            return peak * jax.device_count()
+    return measured_matmul_peak() * jax.process_count()
 
 
-def compiled_flops(compiled: jax.stages.Compiled) -> float:
-    """FLOPs of one execution of a compiled program (XLA's cost analysis, summed over devices)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):  # older jax: one dict per device program
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
+def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+    """Model FLOPs of a traced program: 2 x MACs of every dot_general and convolution over the
+    global batch. Why not XLA's `cost_analysis()`: it counts a loop body once, and the model's
+    layers and GradCache's chunks are loops. Scan bodies count `length` times, a cond its largest
+    branch, a shard_map body once per device of its mesh."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (_, contracted), (_, batched) = eqn.params["dimension_numbers"]
+            lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+            kept = (d for i, d in enumerate(rhs) if i not in contracted and i not in batched)
+            total += 2.0 * math.prod(lhs) * math.prod(kept)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        subs = [p for v in eqn.params.values() for p in (v if isinstance(v, (tuple, list)) else (v,))
+                if isinstance(p, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
+        counts = [matmul_flops(getattr(sub, "jaxpr", sub)) for sub in subs]
+        if name == "scan":
+            total += eqn.params["length"] * sum(counts)
+        elif name == "cond":
+            total += max(counts, default=0.0)
+        elif name == "shard_map":
+            total += eqn.params["mesh"].size * sum(counts)
+        else:
+            total += sum(counts)
+    return total
