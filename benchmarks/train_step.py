@@ -60,7 +60,7 @@ from vlm2vec_jax.training.loop import device_batch, place, trainable_filter
 from vlm2vec_jax.training.optimizer import make_optimizer
 from vlm2vec_jax.training.sharding import batch_sharding, make_mesh
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, param_shardings
-from vlm2vec_jax.training.step import SIDES, StepOptions, make_train_step
+from vlm2vec_jax.training.step import MASKS, SIDES, StepOptions, make_train_step
 from vlm2vec_jax.training.throughput import matmul_flops, measured_matmul_peak
 
 INSTRUCTION = "Represent the given image with the following question: what is shown in the picture, and how many objects are there? "
@@ -106,6 +106,7 @@ def build_batch(directory: str, args: argparse.Namespace, queries: int) -> tuple
         "target": batcher(target_ids)([Example(ids, (), "hf5") for ids in target_ids]),
         "valid": np.ones(queries, bool),
         "target_valid": np.ones(queries, bool),
+        "target_key": np.arange(queries, dtype=np.int32),
     }
 
     def torch_side(inputs: dict, side_images: list) -> dict:
@@ -130,7 +131,7 @@ def abstract_batch(batch: dict, mesh: jax.sharding.Mesh, queries: int) -> dict:
         return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=batch_sharding(mesh, key, x.ndim))
 
     out = {side: {k: scale(k, v) for k, v in batch[side].items()} for side in SIDES}
-    return {**out, **{m: scale(m, batch[m]) for m in ("valid", "target_valid")}}
+    return {**out, **{m: scale(m, batch[m]) for m in MASKS}}
 
 
 # ---------------------------------------------------------------------------------------- ours

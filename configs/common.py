@@ -42,6 +42,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.gc_chunk_size = 0  # GradCache queries per device per chunk; 0 = no caching
     c.train.hard_negatives = 0  # explicit / mined hard-negative targets per query
     c.train.temperature = 0.02
+    c.train.mask_duplicate_targets = False  # in-batch copies of a query's positive (a repeated label or answer) are not its negatives; VLM2Vec counts them as negatives
     c.train.learning_rate = 2e-5
     c.train.warmup_steps = 100
     c.train.schedule = "linear"  # decay after warmup: "linear", "cosine" or "constant"

@@ -275,6 +275,12 @@ def test_hard_negative_layout(tiny_ckpt, images, tmp_path):
     for index, side in enumerate(flat):
         expected = [] if side is None else source.text.encode(side.text).tolist()
         assert _target_text_ids(record, index) == expected, index
+    # Content keys: qa[1]'s positive fills two slots (mined for qa[0] and for qa[2]): one key.
+    keys = record["target_key"]
+    assert keys[1] == keys[4] and keys[1] >= 0
+    valid_keys = keys[record["target_valid"]]
+    assert len(set(valid_keys.tolist())) == len(valid_keys) - 1  # every other side distinct
+    assert (keys[~record["target_valid"]] == -1).all()
 
 
 def _bad_pairs(images: list[str], tmp_path: Path) -> tuple[list[TrainPair], str, str]:

@@ -13,7 +13,7 @@ import pytest
 
 from hf_reference import HFReference, hf_embedding
 from training_runs import (
-    STEPS, build_model, environment, finish, flat_numpy, metrics, restore_latest, run_config, shared_dirs, start, tail,
+    PYTHON, STEPS, build_model, environment, finish, flat_numpy, metrics, restore_latest, run_config, shared_dirs, start, tail,
     train_command,
 )
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
@@ -53,6 +53,16 @@ def test_unknown_key_is_a_usage_error_naming_the_right_key(tmp_path, tmp_path_fa
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "train.stpes" in lines[0] and "train.steps" in lines[0]
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_make_demo_entry_point_is_the_demo_config_with_overrides(tmp_path) -> None:
+    """`python -m vlm2vec_jax.demo` = the trainer on configs/demo.py, extra arguments as overrides
+    (the training itself is what every run here exercises: they all start from configs/demo.py)."""
+    command = [PYTHON, "-m", "vlm2vec_jax.demo", f"--config.workdir={tmp_path / 'run'}", "--config.train.stpes=3"]
+    result = subprocess.run(command, env=environment(None), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "vlm2vec_jax.demo" in result.stderr and "train.steps" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_non_finite_loss_stops_with_the_step_and_batch_and_keeps_checkpoints(runs) -> None:

@@ -130,3 +130,32 @@ def test_infonce_one_target_per_query_is_in_batch_softmax() -> None:
     diag = np.diag(logits) - np.log(np.exp(logits).sum(1))
     np.testing.assert_allclose(float(loss), -diag.mean(), rtol=1e-5)
     assert float(metrics["accuracy"]) == pytest.approx(np.mean(logits.argmax(1) == np.arange(5)))
+
+
+def test_duplicate_targets_are_not_negatives_of_the_query_they_copy() -> None:
+    """A repeated label in a batch: with content keys, query i's loss leaves out every other target
+    equal to its positive (not a negative) and keeps everything else; without keys it is VLM2Vec's."""
+    rng = np.random.default_rng(2)
+    queries, dim, temperature = 6, 16, 0.05
+    q = _unit(rng.normal(size=(queries, dim)))
+    t = _unit(q + 0.3 * rng.normal(size=(queries, dim)))
+    t[3] = t[0]  # query 3's positive is the same label as query 0's
+    keys = np.array([10, 11, 12, 10, 14, 15], np.int32)
+    valid = np.ones(queries, bool)
+    args = (jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(valid), jnp.asarray(valid), temperature)
+    loss, metrics = infonce(*args, jnp.asarray(keys))
+
+    logits = q.astype(np.float64) @ t.astype(np.float64).T / temperature
+    per_query = []
+    for i in range(queries):
+        keep = (keys != keys[i]) | (np.arange(queries) == i)
+        row = logits[i, keep]
+        per_query.append(np.log(np.exp(row - row.max()).sum()) + row.max() - logits[i, i])
+    np.testing.assert_allclose(float(loss), np.mean(per_query), rtol=1e-5)
+    # Queries 0 and 3 tie with their copy when it is a negative: both count correct only with keys.
+    assert float(metrics["accuracy"]) == pytest.approx(float(np.mean(logits.argmax(1) == np.arange(queries))) + 1 / queries)
+    plain_loss, _ = infonce(*args)
+    assert float(plain_loss) > float(loss) + 0.05
+    # Unique keys change nothing.
+    unique_loss, _ = infonce(*args, jnp.arange(queries, dtype=jnp.int32))
+    np.testing.assert_allclose(float(unique_loss), float(plain_loss), rtol=1e-6)

@@ -31,9 +31,12 @@ def contrastive_batch(checkpoint: Path, queries: int, hard_negatives: int, lengt
 
     target_valid = np.ones(queries * per_query, bool)
     target_valid[per_query * (queries - 1) + per_query - 1] = hard_negatives == 0  # mask one negative
+    target_key = np.arange(queries * per_query, dtype=np.int32)
+    target_key[per_query] = target_key[0]  # query 1's positive is a copy of query 0's (a repeated label)
     return {
         "query": batcher(queries)([example(i, i % 2 == 0) for i in range(queries)]),
         "target": batcher(queries * per_query)([example(100 + i, i % 3 == 0) for i in range(queries * per_query)]),
         "valid": np.ones(queries, bool),
         "target_valid": target_valid,
+        "target_key": target_key,
     }

@@ -57,7 +57,8 @@ def main(chunk_sizes: list[int]) -> None:
         def loss(p):
             q = embed(p, query, jnp.arange(QUERIES))
             t = embed(p, target, QUERIES + jnp.arange(targets))
-            return infonce(q, t, jnp.asarray(batch["valid"]), jnp.asarray(batch["target_valid"]), TEMPERATURE)[0]
+            return infonce(q, t, jnp.asarray(batch["valid"]), jnp.asarray(batch["target_valid"]), TEMPERATURE,
+                           jnp.asarray(batch["target_key"]))[0]
 
         return jax.jit(jax.grad(loss))(params)
 
@@ -69,7 +70,7 @@ def main(chunk_sizes: list[int]) -> None:
     for chunk in chunk_sizes:
         step = make_train_step(
             make_embed_factory(graphdef, dropout=True), sgd, optax.constant_schedule(1.0),
-            StepOptions(TEMPERATURE, chunk), mesh, abstract, param_shardings(frozen, mesh), batch,
+            StepOptions(TEMPERATURE, chunk, mask_duplicate_targets=True), mesh, abstract, param_shardings(frozen, mesh), batch,
         )
         state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, abstract.params)), sgd, abstract)
         state, _ = step(state, place(frozen, param_shardings(frozen, mesh)), device_batch(batch, mesh), key)

@@ -20,6 +20,9 @@ A record (dict of numpy arrays, every shape fixed for a given source):
   negative slots a row has no candidate for. An invalid slot holds an all-padding sequence (no real
   token, no image). The loss must drop invalid queries and exclude invalid targets from every
   query's denominator, so in-batch negatives never contain garbage.
+- ``target_key`` int32 (per_host * (1 + h),): a content id of each target (its text and image
+  path hashed; -1 for an invalid slot), so the loss can tell an in-batch duplicate of a query's
+  positive (a repeated label or answer) from a real negative.
 - ``rows`` int64 (per_host,): the planned training-set rows, skipped ones included; ``step`` int64 ().
 - ``bad_data``: a `BadDataReport` of what this record skipped (not an array: pop it and merge it
   into the run's report before sending the arrays to devices).
@@ -48,6 +51,7 @@ again lazily in each worker process, since grain spawns workers and pickles the 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -184,6 +188,7 @@ class TrainBatchSource:
         queries, targets = [], []
         valid = np.zeros(self.per_host, bool)
         target_valid = np.zeros(self.per_host * (1 + h), bool)
+        target_key = np.full(self.per_host * (1 + h), -1, np.int32)
         for i, (row, mined_rows) in enumerate(zip(rows, mined)):
             pair = self.pairs[int(row)]
             query = self._example(pair, pair.query, "query", handler, images)
@@ -191,9 +196,12 @@ class TrainBatchSource:
             negatives: list[Example | None] = [None] * h
             if query is not None and positive is not None:
                 valid[i] = target_valid[i * (1 + h)] = True
+                target_key[i * (1 + h)] = content_key(pair.positive)
                 for k, (owner, side, field) in enumerate(self._negative_sides(pair, mined_rows)):
                     negatives[k] = self._example(owner, side, field, handler, images)
-                    target_valid[i * (1 + h) + 1 + k] = negatives[k] is not None
+                    if negatives[k] is not None:
+                        target_valid[i * (1 + h) + 1 + k] = True
+                        target_key[i * (1 + h) + 1 + k] = content_key(side)
             queries.append(query if valid[i] else _EMPTY)  # a query whose positive is bad goes too
             targets += [_EMPTY if t is None else t for t in (positive, *negatives)]
         return {
@@ -201,6 +209,7 @@ class TrainBatchSource:
             "target": self._fixed(self._target_batcher, targets, self.target_vision_rows),
             "valid": valid,
             "target_valid": target_valid,
+            "target_key": target_key,
             "rows": rows.astype(np.int64),
             "step": np.asarray(step, np.int64),
             "bad_data": handler.report,
@@ -254,6 +263,11 @@ class TrainBatchSource:
             inputs["patch_positions"] = np.zeros((v, r, 2), np.int32)
             inputs["patch_segment_ids"] = np.zeros((v, r), np.int32)
         return inputs
+
+
+def content_key(side: Side) -> int:
+    """A non-negative int32 id of a side's content (text and image path): equal sides, equal ids."""
+    return zlib.crc32(f"{side.text}\x00{side.image or ''}".encode()) & 0x7FFFFFFF
 
 
 def make_train_iterator(

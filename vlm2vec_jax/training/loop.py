@@ -42,7 +42,7 @@ from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_mod
 from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from vlm2vec_jax.training.sharding import batch_sharding, make_mesh
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
-from vlm2vec_jax.training.step import SIDES, StepOptions, TrainState, make_train_step
+from vlm2vec_jax.training.step import MASKS, SIDES, StepOptions, TrainState, make_train_step
 from vlm2vec_jax.training.throughput import matmul_flops, peak_flops
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def place(tree: Any, shardings: Any) -> Any:
 
 def device_batch(record: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """This host's slice of a global batch -> global arrays sharded over the batch axes."""
-    arrays = {**{side: record[side] for side in SIDES}, "valid": record["valid"], "target_valid": record["target_valid"]}
+    arrays = {**{side: record[side] for side in SIDES}, **{m: record[m] for m in MASKS}}
 
     def put(path: tuple, x: np.ndarray) -> jax.Array:
         key = leaf_names(path)[-1]
@@ -175,7 +175,7 @@ class Trainer:
         c = self.config
         step = make_train_step(
             make_embed_factory(self.graphdef, dropout=self.dropout), self.optimizer, self.schedule,
-            StepOptions(c.train.temperature, c.train.gc_chunk_size), self.mesh, self.abstract,
+            StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets), self.mesh, self.abstract,
             self.frozen_shardings, batch,
         )
         start = time.perf_counter()

@@ -30,7 +30,7 @@ Params = Any
 # make_embed(frozen, step_key) -> embed(params, inputs, example_ids): the model's forward for the step.
 EmbedFactory = Callable[[Params, jax.Array], EmbedFn]
 SIDES = ("query", "target")
-MASKS = ("valid", "target_valid")
+MASKS = ("valid", "target_valid", "target_key")  # per-row arrays besides the model inputs
 
 
 @struct.dataclass
@@ -44,6 +44,7 @@ class TrainState:
 class StepOptions:
     temperature: float
     chunk_size: int  # queries per device per chunk; 0 = no caching
+    mask_duplicate_targets: bool = False  # targets equal to a query's positive are not its negatives
 
 
 def num_chunks(local_rows: int, chunk_size: int) -> int:
@@ -104,9 +105,10 @@ def make_train_step(
         target_ids = global_queries + first * t_rows + jnp.arange(t_rows)
         gather = (lambda x: jax.lax.all_gather(x, axes, tiled=True)) if sharded else (lambda x: x)
         query_valid, target_valid = gather(batch["valid"]), gather(batch["target_valid"])
+        target_keys = gather(batch["target_key"]) if options.mask_duplicate_targets else None
 
         def loss_fn(q: jax.Array, t: jax.Array):
-            return infonce(q, t, query_valid, target_valid, options.temperature)
+            return infonce(q, t, query_valid, target_valid, options.temperature, target_keys)
 
         if sharded:  # local gradients need varying parameters, or shard_map adds a psum per use
             params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
