@@ -1,4 +1,4 @@
-"""A real multi-process run: two `vlm2vec_jax.train` processes on localhost, 4 CPU devices each,
+"""A real multi-process run: two `vlm2vec_jax.train` processes started by `launch/local.sh`, 4 CPU devices each,
 joined by `jax.distributed` (gloo), sharing one workdir, give the losses of one process with 8
 devices; only process 0 logs, the checkpoint both wrote restores onto one device, and the
 synthetic benchmark, which both processes generate into the same fresh directory at once, comes
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from training_runs import (
-    REPO, STEPS, environment, final_losses, finish_all, flat_numpy, free_port, metrics, restore_latest, shared_dirs, shared_runs,
+    REPO, STEPS, environment, final_losses, finish_all, flat_numpy, metrics, restore_latest, shared_dirs, shared_runs,
     start, tail, train_command,
 )
 
@@ -23,17 +23,13 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, tmp_
     reference = shared_runs(tmp_path_factory, "dp8_gc1")[0]
     shared = {**shared_dirs(tmp_path_factory), "synthetic": tmp_path / "synthetic"}  # fresh: both generate it
     workdir = tmp_path / "run"
-    port = free_port()
-    processes = []
-    for process_id in range(2):
-        command = train_command(
-            workdir, shared, train__gc_chunk_size=1, distributed__coordinator=f"127.0.0.1:{port}",
-            distributed__num_processes=2, distributed__process_id=process_id, distributed__local_devices=4,
-        )
-        log = tmp_path / f"process{process_id}.log"
-        processes.append((start(command, environment(shared, cache=False), log), log))
-    codes = finish_all(processes)
-    assert codes == [0, 0], "\n\n".join(f"process {i} ({c}):\n{tail(log)}" for i, (c, (_, log)) in enumerate(zip(codes, processes)))
+    command = [
+        "bash", str(REPO / "launch/local.sh"), "2", "--devices", "4", "--logs", str(tmp_path / "logs"), "--",
+        *train_command(workdir, shared, train__gc_chunk_size=1),
+    ]
+    log = tmp_path / "process0.log"
+    code = finish_all([(start(command, environment(shared, cache=False), log), log)])[0]
+    assert code == 0, f"launch/local.sh ({code}):\n{tail(log)}\n\nprocess 1:\n{tail(tmp_path / 'logs' / 'process_1.log')}"
 
     # One run, logged once (process 0 only).
     lines = metrics(workdir)
