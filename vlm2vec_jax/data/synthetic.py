@@ -861,7 +861,8 @@ def generate(out: Path, *, seed: int = 0, scale: str = "default") -> dict:
     An `out` whose MANIFEST.json has the same seed, scale and generator version is reused as it is
     (so `make demo` generates once). Any other non-empty `out` is refused, never overwritten. The
     files are written to a temporary sibling and renamed into place, so an interrupted run leaves
-    no half-written benchmark behind."""
+    no half-written benchmark behind, and processes generating into one `out` at once all end up
+    with the copy renamed first."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
     out = Path(out)
@@ -888,6 +889,13 @@ def generate(out: Path, *, seed: int = 0, scale: str = "default") -> dict:
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not manifest_file.is_file():
+            raise
+        # Another process (a host of the same run, a concurrent run) renamed its copy into place
+        # first: use theirs, or name the mismatch.
+        return generate(out, seed=seed, scale=scale)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

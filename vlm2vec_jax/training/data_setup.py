@@ -21,14 +21,7 @@ def data_roots(config: ml_collections.ConfigDict) -> tuple[Path, Path | None]:
     train_root, eval_root = config.data.root, config.eval.root
     if config.data.synthetic and not (train_root and eval_root):
         out = Path(os.path.expanduser(config.data.synthetic_dir)) / f"{config.data.synthetic}-seed{config.seed}"
-        try:
-            generate(out, seed=config.seed, scale=config.data.synthetic)
-        except OSError:
-            # Several processes (the hosts of one run, or concurrent runs) generating into one
-            # directory: the first rename wins and the others fail on it; reuse the winner's.
-            if not (out / "MANIFEST.json").is_file():
-                raise
-            generate(out, seed=config.seed, scale=config.data.synthetic)  # reuses it (or names a mismatch)
+        generate(out, seed=config.seed, scale=config.data.synthetic)  # every host: the first copy wins
         train_root = train_root or str(out / "train")
         eval_root = eval_root or str(out / "eval")
     if not train_root:
