@@ -65,9 +65,6 @@ def test_notebook_runs_end_to_end(tiny_ckpt, bench, tmp_path, monkeypatch):
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     run(notebook)  # raises CellExecutionError on the first failing cell
 
-    errors = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
-              if out.output_type == "error"]
-    assert not errors
     printed = notebook.cells[-1].outputs[0]["text"].strip()
     assert Path(printed).resolve() == Path(sys.executable).resolve()
 
