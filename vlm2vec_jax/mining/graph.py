@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 
 __all__ = ["Graph", "mutual_graph", "strong_negatives"]
 
@@ -51,8 +52,7 @@ def mutual_graph(neighbours: np.ndarray) -> Graph:
     dst = neighbours.reshape(-1).astype(np.int64)
     keep = (dst >= 0) & (dst != src)
     src, dst = src[keep], dst[keep]
-    forward = src * n + dst
-    keys = np.unique(forward[np.isin(forward, dst * n + src)])  # both directions of each mutual pair
-    src, dst = keys // n, keys % n
-    xadj = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=n))]).astype(np.int64)
-    return Graph(xadj, dst)
+    directed = scipy.sparse.csr_array((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
+    mutual = directed.multiply(directed.T).tocsr()  # entry (i, j) iff both (i, j) and (j, i)
+    mutual.sort_indices()
+    return Graph(mutual.indptr.astype(np.int64), mutual.indices.astype(np.int64))

@@ -21,7 +21,7 @@ from vlm2vec_jax.mining.negatives import cluster_negatives
 from vlm2vec_jax.mining.ranking import rank_by_label, rank_targets, target_ids
 from vlm2vec_jax.mining.report import edges_in_batches, random_batch_of, size_histogram
 
-__all__ = ["DEFAULT_P", "MiningSettings", "TaskData", "mine"]
+__all__ = ["DEFAULT_P", "MinedTask", "MiningSettings", "TaskData", "batch_epochs", "mine", "mine_task"]
 
 # Ranks skipped as likely false negatives, by meta-task (B3 section 4). Classification skips none:
 # its false negatives are the rows of the gold label, which its label ranking never lists.
@@ -70,8 +70,9 @@ class TaskData:
 
 
 @dataclass(frozen=True)
-class _Mined:
-    """One task after the per-task stages (node ids are positions in `TaskData.rows`)."""
+class MinedTask:
+    """One task after the per-task stages (node ids are positions in `TaskData.rows`; `target_id`
+    only when hard negatives are asked for)."""
 
     task: TaskData
     p: int
@@ -93,10 +94,11 @@ def mine(tasks: Sequence[TaskData], settings: MiningSettings, *, progress: bool 
                 f"task {task.name!r} has {len(task.rows)} rows, fewer than one batch of {settings.batch_size}: "
                 "lower batch_size, or leave the task out (data.subsets)"
             )
-        if task.meta_task not in DEFAULT_P:
-            raise ValueError(f"task {task.name!r}: unknown meta-task {task.meta_task!r}; one of {list(DEFAULT_P)}")
-    mined = [_mine_task(task, settings, progress) for task in tasks]
+    return batch_epochs([mine_task(task, settings, progress) for task in tasks], settings, progress=progress)
 
+
+def batch_epochs(mined: Sequence[MinedTask], settings: MiningSettings, *, progress: bool = False) -> tuple[list[MinedBatch], dict]:
+    """The batches of every epoch from mined tasks, and the report (the second half of `mine`)."""
     start = time.perf_counter()
     per_batch = settings.batch_size // settings.cluster_size
     batches: list[MinedBatch] = []
@@ -116,7 +118,7 @@ def mine(tasks: Sequence[TaskData], settings: MiningSettings, *, progress: bool 
     stage_totals = {stage: sum(r["seconds"][stage] for r in reports) for stage in reports[0]["seconds"]}
     report = {
         "settings": asdict(settings),
-        "rows": sum(len(t.rows) for t in tasks),
+        "rows": sum(len(t.task.rows) for t in mined),
         "batches": len(batches),
         "batches_per_epoch": len(batches) // settings.epochs,
         "seconds": {**stage_totals, "batches_and_negatives": seconds_batches},
@@ -125,7 +127,10 @@ def mine(tasks: Sequence[TaskData], settings: MiningSettings, *, progress: bool 
     return batches, report
 
 
-def _mine_task(task: TaskData, settings: MiningSettings, progress: bool) -> _Mined:
+def mine_task(task: TaskData, settings: MiningSettings, progress: bool = False) -> MinedTask:
+    """Rank, graph, METIS and exact-K clusters of one task, each stage timed."""
+    if task.meta_task not in DEFAULT_P:
+        raise ValueError(f"task {task.name!r}: unknown meta-task {task.meta_task!r}; one of {list(DEFAULT_P)}")
     seconds = {}
     clock = time.perf_counter()
 
@@ -146,10 +151,10 @@ def _mine_task(task: TaskData, settings: MiningSettings, progress: bool) -> _Min
     clusters = exact_clusters(parts, settings.cluster_size)
     lap("clusters")
     ids = target_ids(task.targets) if settings.hard_negatives else None
-    return _Mined(task, p, ranking, graph, edge_cut, parts, clusters, ids, seconds)
+    return MinedTask(task, p, ranking, graph, edge_cut, parts, clusters, ids, seconds)
 
 
-def _batch(mined: _Mined, clusters: np.ndarray, settings: MiningSettings, rng: np.random.Generator) -> MinedBatch:
+def _batch(mined: MinedTask, clusters: np.ndarray, settings: MiningSettings, rng: np.random.Generator) -> MinedBatch:
     """The rows of `clusters` of a task, with B3++ negatives when asked, as training-set rows."""
     members = mined.clusters.members[clusters]
     rows = mined.task.rows
@@ -166,7 +171,7 @@ def _batch(mined: _Mined, clusters: np.ndarray, settings: MiningSettings, rng: n
     return MinedBatch(mined.task.name, rows[members.reshape(-1)], negatives)
 
 
-def _task_report(mined: _Mined, index: int, first_epoch: list[tuple[int, np.ndarray]], settings: MiningSettings) -> dict:
+def _task_report(mined: MinedTask, index: int, first_epoch: list[tuple[int, np.ndarray]], settings: MiningSettings) -> dict:
     task, graph = mined.task, mined.graph
     b3_batch_of = np.full(len(task.rows), -1, np.int64)
     for batch, (owner, clusters) in enumerate(first_epoch):
