@@ -11,10 +11,11 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/default"  # checkpoints, metrics.jsonl, tensorboard/, export/; a run restarted here resumes
     c.seed = 0  # model init, LoRA init, dropout, random batches
-    c.dry_run = False  # compile only and report memory / FLOPs (launch issue)
+    c.dry_run = False  # compile the training step only, on `topology.devices` simulated CPU devices, from abstract shapes (no weights, no data): print per-device memory, FLOPs per step and the projected step time, write workdir/dry_run.json
 
     c.model = ml_collections.ConfigDict()
     c.model.init = "random"  # "random" (architecture below) or a Hugging Face Qwen2-VL directory
+    c.model.geometry = ""  # dry runs without model.init: "2b" or "7b", the real Qwen2-VL geometry (a Hugging Face model.init gives its config.json instead)
     c.model.architecture = ml_collections.ConfigDict(  # only for init="random"
         dict(text_hidden=128, text_layers=2, heads=4, kv_heads=2, intermediate=512,
              vision_dim=64, vision_depth=2, vision_heads=2, vocab_size=1024)
@@ -58,6 +59,12 @@ def base() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # > 1 shards parameters too (FSDP)
     c.mesh.tensor = 1  # > 1 splits kernels Megatron-style
 
+    c.topology = ml_collections.ConfigDict()  # the target hardware of a dry run (training runs use the devices they find)
+    c.topology.devices = 8  # accelerators of the target, simulated as CPU devices; the mesh keys above lay them out
+    c.topology.device_memory_gib = 80.0  # per accelerator (H100 80GB; TPU v5p 95)
+    c.topology.peak_tflops = 989.0  # dense bf16 per accelerator (H100 989; TPU v5p 459; A100 312)
+    c.topology.mfu = 0.4  # model FLOPs utilisation assumed for the projected step time
+
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # MMEB-train layout; "" with data.synthetic set = the generated benchmark
     c.data.synthetic = ""  # "default" or "small": generate (once) and use the synthetic benchmark
@@ -89,7 +96,7 @@ def base() -> ml_collections.ConfigDict:
     c.export.at_end = True  # write workdir/export (LoRA merged), loadable by transformers and Embedder
 
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator = ""  # "host:port"; "" = auto-detect (TPU, SLURM) or single process
+    c.distributed.coordinator = ""  # "host:port"; "auto" = always jax.distributed.initialize() (TPU VM slices: launch/tpu_pod.sh); "" = auto-detect from the environment (SLURM, GKE TPU, Open MPI) or single process
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     c.distributed.local_devices = 0  # CPU only: devices per process (jax_num_cpu_devices); 0 = default

@@ -19,12 +19,13 @@ def get_config():
     c = base()
     c.workdir = "runs/qwen2vl_2b_vlm2vec"
     c.model.init = ""  # required: a local Qwen2-VL-2B(-Instruct) Hugging Face directory
+    c.model.geometry = "2b"  # what a dry run compiles without model.init
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"  # frozen base weights; the adapters train in float32
     c.model.remat = True
     c.model.min_pixels = 3136
     c.model.max_pixels = 1280 * 28 * 28  # VLM2Vec's resize cap for Qwen2-VL
-    c.model.max_len = 1024
+    c.model.max_len = 1536  # fixed shapes pad every sequence: the largest image (1280 tokens) + 256 text tokens
     c.train.mode = "lora"
     c.train.freeze_vision = True
     c.train.steps = 2000

@@ -19,6 +19,7 @@ def get_config():
     c = b3_2b_config()
     c.workdir = "runs/qwen2vl_7b_b3"
     c.model.init = ""  # required: a local Qwen2-VL-7B(-Instruct) Hugging Face directory
+    c.model.geometry = "7b"  # what a dry run compiles without model.init
     c.mesh.fsdp = 8
     c.mesh.data = -1  # replicas of the 8-way FSDP group: every further device
     c.train.gc_chunk_size = 4

@@ -1,5 +1,6 @@
 """`python -m vlm2vec_jax.train --config configs/<name>.py [--config.key=value ...]`: contrastive
-training (keys documented in configs/common.py). A run restarted in the same workdir resumes."""
+training (keys documented in configs/common.py). A run restarted in the same workdir resumes.
+`--config.dry_run=True` only compiles the step for `topology` and reports memory and FLOPs."""
 
 import sys
 
@@ -13,11 +14,16 @@ REPORTED_ERRORS = (ValueError, FileNotFoundError, MemoryError, FloatingPointErro
 
 
 def main(config: ml_collections.ConfigDict) -> int:
-    initialize(config.distributed)
-    from vlm2vec_jax.training.loop import Trainer  # after jax.distributed is up
-
     try:
-        Trainer(config).run()
+        if config.dry_run:  # compile only, on simulated devices: no cluster to join
+            from vlm2vec_jax.training.dry_run import dry_run
+
+            dry_run(config)
+        else:
+            initialize(config.distributed)
+            from vlm2vec_jax.training.loop import Trainer  # after jax.distributed is up
+
+            Trainer(config).run()
     except REPORTED_ERRORS as err:
         print(f"vlm2vec_jax.train: error: {err}", file=sys.stderr)
         return 1

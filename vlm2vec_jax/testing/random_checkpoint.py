@@ -12,6 +12,7 @@ table (`checkpoint_rules`) and only one shard is held in memory while it is writ
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -64,6 +65,21 @@ def qwen2vl_2b_config(**options) -> Qwen2VLConfig:
         patch_size=14, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=1536,
     )
     return Qwen2VLConfig(vision=vision, text=text, **options)
+
+
+def qwen2vl_7b_config(**options) -> Qwen2VLConfig:
+    """Qwen2-VL-7B(-Instruct) geometry (the 2B's vision tower merged into a 3584-wide decoder with
+    untied embeddings); `options` sets dtype, param_dtype, remat."""
+    base = qwen2vl_2b_config(**options)
+    text = dataclasses.replace(
+        base.text, vocab_size=152064, hidden_size=3584, num_heads=28, num_kv_heads=4, intermediate_size=18944,
+        tie_word_embeddings=False,
+    )
+    return base.replace(text=text, vision=dataclasses.replace(base.vision, out_hidden_size=3584))
+
+
+# The real geometries by name (dry runs: `model.geometry`).
+GEOMETRIES = {"2b": qwen2vl_2b_config, "7b": qwen2vl_7b_config}
 
 
 def checkpoint_tensor_specs(config: Qwen2VLConfig) -> list[tuple[str, tuple[int, ...]]]:

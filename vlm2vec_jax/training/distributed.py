@@ -8,17 +8,22 @@ import os
 import jax
 import ml_collections
 
+AUTO = "auto"
 # Environment variables that mean a cluster launcher started this process.
 CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def initialize(settings: ml_collections.ConfigDict) -> None:
     """`settings.coordinator` ("host:port") with `num_processes` and `process_id`: an explicit
-    multi-process run (e.g. `launch/local.sh`); empty: auto-detection when a cluster launcher's
-    environment is present, else a single process. `local_devices` sets the CPU device count."""
+    multi-process run (e.g. `launch/local.sh`); "auto": JAX detects everything (a Cloud TPU VM
+    slice answers from its metadata server, which no environment variable announces:
+    `launch/tpu_pod.sh` passes it); empty: auto-detection when a cluster launcher's environment is
+    present, else a single process. `local_devices` sets the CPU device count."""
     if settings.local_devices:
         jax.config.update("jax_num_cpu_devices", int(settings.local_devices))
-    if settings.coordinator:
+    if settings.coordinator == AUTO:
+        jax.distributed.initialize()
+    elif settings.coordinator:
         if settings.num_processes < 1 or not 0 <= settings.process_id < settings.num_processes:
             raise ValueError(
                 f"distributed.coordinator is set: give distributed.num_processes >= 1 and distributed.process_id "

@@ -6,6 +6,7 @@ Every process of a multi-host run executes this same code on its slice of each g
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -63,6 +65,72 @@ def trainable_filter(mode: str, freeze_vision: bool) -> nnx.filterlib.Filter:
     if mode == "lora":
         return LoRAParam if freeze_vision else nnx.Any(LoRAParam, vision)
     return nnx.All(nnx.Param, nnx.Not(vision)) if freeze_vision else nnx.Param
+
+
+def add_adapters(model: Qwen2VL, config: ml_collections.ConfigDict) -> None:
+    """LoRA/DoRA adapters as `config.lora` says, in place, when `train.mode` is "lora"."""
+    if config.train.mode == "lora":
+        lora = config.lora
+        targets = tuple(t.strip() for t in lora.targets.split(",") if t.strip())
+        apply_lora(model, LoRAConfig(lora.rank, lora.alpha, lora.dropout, targets, lora.dora), nnx.Rngs(config.seed + 1))
+
+
+def split_for_training(model: Qwen2VL, config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, trainable parameters, frozen rest) as `train.mode` and `train.freeze_vision` say;
+    the trainable ones still in the model's dtype (`master_weights` casts them)."""
+    return nnx.split(model, trainable_filter(config.train.mode, config.train.freeze_vision), ...)
+
+
+def master_weights(params: Any) -> Any:
+    """The float32 master copy the optimizer updates (compute may run in bfloat16)."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def optimization(config: ml_collections.ConfigDict) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """(learning-rate schedule, AdamW with clipping) of `config.train`."""
+    t = config.train
+    schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps, t.schedule)
+    optimizer = make_optimizer(
+        schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps
+    )
+    return schedule, optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The compiled training step with what it costs, per the compiler."""
+
+    compiled: jax.stages.Compiled
+    flops: float  # matmul FLOPs of one step over the global batch (`throughput.matmul_flops`)
+    memory: Any  # `compiled.memory_analysis()`: per-device sizes; None where the backend has none
+    seconds: float  # tracing, lowering and compilation
+
+
+def compile_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    schedule: optax.Schedule,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    abstract: TrainState,
+    frozen: Any,
+    batch: dict[str, Any],
+    key: jax.Array,
+) -> CompiledStep:
+    """The training step of `config` compiled for these shapes and shardings. `frozen` and `batch`
+    may be placed arrays or ShapeDtypeStructs with shardings (a dry run compiles from shapes only)."""
+    c = config
+    dropout = c.train.mode == "lora" and c.lora.dropout > 0
+    step = make_train_step(
+        make_embed_factory(graphdef, dropout=dropout), optimizer, schedule,
+        StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets), mesh, abstract,
+        jax.tree.map(lambda x: x.sharding, frozen), batch,
+    )
+    start = time.perf_counter()
+    traced = step.trace(abstract, frozen, batch, key)
+    compiled = traced.lower().compile()
+    seconds = time.perf_counter() - start
+    return CompiledStep(compiled, matmul_flops(traced.jaxpr.jaxpr), compiled.memory_analysis(), seconds)
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -113,21 +181,13 @@ class Trainer:
             c.model.init if c.model.init == RANDOM else "hf", self.model_dir, seed=c.seed,
             dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
         )
-        if c.train.mode == "lora":
-            targets = tuple(t.strip() for t in c.lora.targets.split(",") if t.strip())
-            lora = LoRAConfig(c.lora.rank, c.lora.alpha, c.lora.dropout, targets, c.lora.dora)
-            apply_lora(model, lora, nnx.Rngs(c.seed + 1))
-        self.graphdef, params, frozen = nnx.split(model, trainable_filter(c.train.mode, c.train.freeze_vision), ...)
-        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # float32 master weights
+        add_adapters(model, c)
+        self.graphdef, params, frozen = split_for_training(model, c)
+        params = master_weights(params)
         self.mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        self.schedule = learning_rate_schedule(c.train.learning_rate, c.train.steps, c.train.warmup_steps, c.train.schedule)
-        self.optimizer = make_optimizer(
-            self.schedule, weight_decay=c.train.weight_decay, clip_norm=c.train.clip_norm,
-            b1=c.train.adam_b1, b2=c.train.adam_b2, eps=c.train.adam_eps,
-        )
+        self.schedule, self.optimizer = optimization(c)
         self.abstract = abstract_train_state(params, self.optimizer, self.mesh)
-        self.frozen_shardings = param_shardings(frozen, self.mesh)
-        self.frozen = place(frozen, self.frozen_shardings)
+        self.frozen = place(frozen, param_shardings(frozen, self.mesh))
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
         latest = self.checkpointer.latest_step()
         if latest is None:
@@ -138,7 +198,6 @@ class Trainer:
             self.start_step = int(meta["data_position"])
             self.report = self.report.merge(BadDataReport.from_metrics(meta.get("bad_data", {})))
             self._print(f"resumed from {self.workdir / 'checkpoints'} at step {self.start_step}")
-        self.dropout = c.train.mode == "lora" and c.lora.dropout > 0
         self.key = jax.random.key(c.seed)
         self.metrics_log = MetricsLog(self.workdir, enabled=self.is_main)
 
@@ -172,18 +231,11 @@ class Trainer:
 
     def _compile(self, batch: dict[str, Any]) -> tuple[jax.stages.Compiled, float]:
         """The compiled step and its model FLOPs (matmuls over the global batch)."""
-        c = self.config
-        step = make_train_step(
-            make_embed_factory(self.graphdef, dropout=self.dropout), self.optimizer, self.schedule,
-            StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets), self.mesh, self.abstract,
-            self.frozen_shardings, batch,
+        step = compile_step(
+            self.config, self.graphdef, self.schedule, self.optimizer, self.mesh, self.abstract, self.frozen, batch, self.key
         )
-        start = time.perf_counter()
-        traced = step.trace(self.abstract, self.frozen, batch, self.key)
-        compiled = traced.lower().compile()
-        memory = compiled.memory_analysis()
-        self._print(f"compiled the training step in {time.perf_counter() - start:.1f} s; per-device memory: {_describe_memory(memory)}")
-        return compiled, matmul_flops(traced.jaxpr.jaxpr)
+        self._print(f"compiled the training step in {step.seconds:.1f} s; per-device memory: {_describe_memory(step.memory)}")
+        return step.compiled, step.flops
 
     # ------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
