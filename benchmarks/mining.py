@@ -79,7 +79,8 @@ def main() -> None:
         "seconds": {**mined.seconds, "batches": report["seconds"]["batches_and_negatives"], "total": total},
         "peak_rss_gb": peak_gb,
         "graph_edges": task_report["graph_edges"], "mean_degree": task_report["mean_degree"],
-        "edges_in_batch_b3": task_report["edges_in_batch_b3"], "edges_in_batch_random": task_report["edges_in_batch_random"],
+        "edges_in_batch_b3": task_report["edges_in_batch_b3"],
+        "edges_in_batch_random": task_report["edges_in_batch_random"],
         "metis_part_range": task_report["metis_part_range"], "rows_regrouped": task_report["rows_regrouped"],
         "batches": len(batches),
     }

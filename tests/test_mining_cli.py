@@ -48,7 +48,8 @@ def test_cli_from_an_npz_alone(tmp_path):
         f"--config.out={out}", "--config.batch_size=32", "--config.cluster_size=8", "--config.m=20",
         "--config.hard_negatives=2", "--config.progress=false",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| MSCOCO_t2i" in done.stdout and "| OK-VQA" in done.stdout  # the printed table
     plan = FileBatchPlan.from_parquet(out / "batches.parquet", 256)
@@ -145,7 +146,8 @@ def test_npz_errors_name_the_file_and_key(synthetic, tmp_path, capsys):
         capsys, f"--config.teacher_embeddings={short}", f"--config.out={tmp_path}", "--config.data.synthetic=small",
         f"--config.data.synthetic_dir={config.data.synthetic_dir}",
     )
-    assert code == 1 and str(short) in err and f"{len(train_set) - 1} rows but the training set has {len(train_set)}" in err
+    assert code == 1 and str(short) in err
+    assert f"{len(train_set) - 1} rows but the training set has {len(train_set)}" in err
     unknown = write_npz(tmp_path / "unknown.npz", [("MyTask", 64)])
     code, err = mine_cli(capsys, f"--config.teacher_embeddings={unknown}", f"--config.out={tmp_path}")
     assert code == 1 and "MyTask" in err and "config.meta_task" in err

@@ -48,9 +48,9 @@ def test_metis_parts_of_disjoint_cliques_cut_nothing():
 
 
 def test_planted_communities_share_a_batch():
-    """48 communities of 8 tight rows each at random centres; S = the 12 best (p = 0): the 7 others of
-    its community and 5 rows outside it, so the graph also links communities. At least 95% of the planted pairs must land in
-    one batch (random batches of 32 out of 384 rows would give about 8%)."""
+    """48 communities of 8 tight rows each at random centres; S = the 12 best (p = 0): the 7 others
+    of its community and 5 rows outside it, so the graph also links communities. At least 95% of the
+    planted pairs must land in one batch (random batches of 32 out of 384 rows: about 8%)."""
     rng = np.random.default_rng(0)
     communities, size, dim = 48, 8, 32
     centre = rng.standard_normal((communities, dim))
@@ -65,6 +65,7 @@ def test_planted_communities_share_a_batch():
     for b, batch in enumerate(batches):
         batch_of[batch.rows] = b
     i, j = np.triu_indices(size, 1)
-    same = [batch_of[members[i]] == batch_of[members[j]] for members in (np.flatnonzero(planted == c) for c in range(communities))]
+    members = [np.flatnonzero(planted == c) for c in range(communities)]
+    same = [batch_of[rows[i]] == batch_of[rows[j]] for rows in members]
     assert np.mean(same) >= 0.95
     assert report["tasks"][0]["edges_in_batch_b3"] > 2 * report["tasks"][0]["edges_in_batch_random"]

@@ -78,7 +78,8 @@ for n, k, block in CASES:
     q, t, _, _ = data(n, 12, 5, seed=n)
     checks[f"targets {n}"] = bool(np.array_equal(rank_targets(q, t, k, block=block), targets_brute_force(q, t, k)))
 q, _, labels, gold = data(150, 12, 13, seed=1)
-checks["labels"] = bool(np.array_equal(rank_by_label(q, labels[gold], 60, block=4), labels_brute_force(q, labels, gold, 60)))
+ranking = rank_by_label(q, labels[gold], 60, block=4)
+checks["labels"] = bool(np.array_equal(ranking, labels_brute_force(q, labels, gold, 60)))
 print(json.dumps(checks))
 """
 

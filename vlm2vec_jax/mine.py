@@ -62,7 +62,9 @@ def main(config: ml_collections.ConfigDict) -> int:
 def _settings(config: ml_collections.ConfigDict) -> MiningSettings:
     """The mining settings, or a ConfigError for keys that cannot work together."""
     if bool(config.teacher) == bool(config.teacher_embeddings):
-        raise ConfigError("set exactly one of config.teacher (a model directory) and config.teacher_embeddings (an .npz)")
+        raise ConfigError(
+            "set exactly one of config.teacher (a model directory) and config.teacher_embeddings (an .npz)"
+        )
     if config.teacher and not (config.data.root or config.data.synthetic):
         raise ConfigError("a teacher model embeds the training set: set config.data.root or config.data.synthetic")
     settings = MiningSettings(
@@ -125,7 +127,8 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             missing = [k for k in NPZ_KEYS if k not in data.files]
             if missing:
                 raise ValueError(
-                    f"{where}: missing key(s) {missing}; it has {data.files}, expected query (N, D), target (N, D), task (N,)"
+                    f"{where}: missing key(s) {missing}; it has {data.files}, "
+                    "expected query (N, D), target (N, D), task (N,)"
                 )
             query, target, task = (data[k] for k in NPZ_KEYS)
     except FileNotFoundError:
@@ -134,7 +137,8 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"{where}: cannot read it as an .npz ({err})") from None
     if query.ndim != 2 or target.shape != query.shape or task.shape != (len(query),):
         raise ValueError(
-            f"{where}: expected query (N, D), target (N, D) and task (N,); got {query.shape}, {target.shape}, {task.shape}"
+            f"{where}: expected query (N, D), target (N, D) and task (N,); "
+            f"got {query.shape}, {target.shape}, {task.shape}"
         )
     return query, target, task.astype(str)
 

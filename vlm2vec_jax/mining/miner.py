@@ -85,7 +85,9 @@ class MinedTask:
     seconds: dict[str, float]
 
 
-def mine(tasks: Sequence[TaskData], settings: MiningSettings, *, progress: bool = False) -> tuple[list[MinedBatch], dict]:
+def mine(
+    tasks: Sequence[TaskData], settings: MiningSettings, *, progress: bool = False
+) -> tuple[list[MinedBatch], dict]:
     """(batches of every epoch in training order, the report's dict)."""
     settings.check()
     for task in tasks:
@@ -97,7 +99,9 @@ def mine(tasks: Sequence[TaskData], settings: MiningSettings, *, progress: bool 
     return batch_epochs([mine_task(task, settings, progress) for task in tasks], settings, progress=progress)
 
 
-def batch_epochs(mined: Sequence[MinedTask], settings: MiningSettings, *, progress: bool = False) -> tuple[list[MinedBatch], dict]:
+def batch_epochs(
+    mined: Sequence[MinedTask], settings: MiningSettings, *, progress: bool = False
+) -> tuple[list[MinedBatch], dict]:
     """The batches of every epoch from mined tasks, and the report (the second half of `mine`)."""
     start = time.perf_counter()
     per_batch = settings.batch_size // settings.cluster_size
@@ -106,7 +110,8 @@ def batch_epochs(mined: Sequence[MinedTask], settings: MiningSettings, *, progre
     total = sum(len(t.clusters.members) // per_batch for t in mined) * settings.epochs
     with tqdm(total=total, desc="batches", unit="batch", disable=not progress, leave=False) as bar:
         for epoch in range(settings.epochs):
-            order = epoch_order([len(t.clusters.members) for t in mined], per_batch, np.random.default_rng([settings.seed, epoch]))
+            order_rng = np.random.default_rng([settings.seed, epoch])
+            order = epoch_order([len(t.clusters.members) for t in mined], per_batch, order_rng)
             negatives_rng = np.random.default_rng([settings.seed, epoch, 1])
             first_epoch = first_epoch or order
             for index, clusters in order:
@@ -171,13 +176,17 @@ def _batch(mined: MinedTask, clusters: np.ndarray, settings: MiningSettings, rng
     return MinedBatch(mined.task.name, rows[members.reshape(-1)], negatives)
 
 
-def _task_report(mined: MinedTask, index: int, first_epoch: list[tuple[int, np.ndarray]], settings: MiningSettings) -> dict:
+def _task_report(
+    mined: MinedTask, index: int, first_epoch: list[tuple[int, np.ndarray]], settings: MiningSettings
+) -> dict:
+    """The task's line of the report; in-batch shares are over the first epoch's batches."""
     task, graph = mined.task, mined.graph
     b3_batch_of = np.full(len(task.rows), -1, np.int64)
     for batch, (owner, clusters) in enumerate(first_epoch):
         if owner == index:
             b3_batch_of[mined.clusters.members[clusters].reshape(-1)] = batch
-    random_batch = random_batch_of(len(task.rows), settings.batch_size, np.random.default_rng([settings.seed, index, 2]))
+    random_rng = np.random.default_rng([settings.seed, index, 2])
+    random_batch = random_batch_of(len(task.rows), settings.batch_size, random_rng)
     part_sizes = np.bincount(mined.parts, minlength=max(1, len(task.rows) // settings.cluster_size))
     batches = int(sum(owner == index for owner, _ in first_epoch))
     return {
