@@ -34,8 +34,10 @@ done
 [[ $# -ge 2 && $1 == "--" ]] || usage
 shift
 
-# One shell-quoted string: gcloud hands it to each worker's login shell as it is.
-remote="cd $(printf '%q' "$dir") && $(printf '%q ' "$@")--config.distributed.coordinator=auto"
+# One shell-quoted string: gcloud hands it to each worker's login shell as it is ("~/" left to that
+# shell, so a DIR under the home directory means each worker's own home).
+if [[ $dir == "~/"* ]]; then remote_dir="~/$(printf '%q' "${dir#"~/"}")"; else remote_dir=$(printf '%q' "$dir"); fi
+remote="cd $remote_dir && $(printf '%q ' "$@")--config.distributed.coordinator=auto"
 command=(gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" "${project[@]}" --worker=all --command "$remote")
 if $dry_print; then
   printf '%q ' "${command[@]}"
