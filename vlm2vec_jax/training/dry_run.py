@@ -103,7 +103,10 @@ def abstract_batch(config: ml_collections.ConfigDict, model: Qwen2VLConfig, mesh
         "target_valid": jax.ShapeDtypeStruct((targets,), jnp.bool_),
         "target_key": jax.ShapeDtypeStruct((targets,), jnp.int32),
     }
-    placed = lambda key, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, key, x.ndim))  # noqa: E731
+
+    def placed(key: str, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, key, x.ndim))
+
     batch = {side: {k: placed(k, x) for k, x in sides[side].items()} for side in SIDES}
     batch.update({m: placed(m, masks[m]) for m in MASKS})
     return batch
