@@ -202,7 +202,6 @@ def _task_report(
         "metis_edge_cut": mined.edge_cut,
         "metis_edge_cut_share": mined.edge_cut / graph.num_edges if graph.num_edges else 0.0,
         "metis_part_sizes": size_histogram(part_sizes),
-        "metis_part_range": f"{part_sizes.min()}/{part_sizes.max()}",
         "clusters": len(mined.clusters.members),
         "rows_regrouped": mined.clusters.regrouped,
         "rows_left_over": len(mined.clusters.leftover),
