@@ -127,6 +127,8 @@ def test_the_training_loader_feeds_exactly_the_mined_rows(synthetic, tiny_ckpt, 
         (["--config.cluster_size=12"], 2, "multiple of cluster_size"),
         (["--config.cluster_sise=8"], 2, "cluster_size"),  # the closest valid key is named
         (["--config.teacher=/nowhere"], 2, "exactly one of"),
+        (["--config.teacher=/nowhere", "--config.teacher_embeddings=", "--config.data.root=/data"], 2,
+         "model /nowhere: no such directory"),
         (["--config.batch_size=128"], 1, "'OK-VQA' has 96 rows, fewer than one batch of 128"),
     ],
 )

@@ -21,6 +21,7 @@ import numpy as np
 from vlm2vec_jax.cli_config import ConfigError, dump_config, run_cli
 from vlm2vec_jax.data.mmeb_train import TrainSet
 from vlm2vec_jax.data.registry import UnknownDatasetError, train_subset_info
+from vlm2vec_jax.eval import resolve_model_dir
 from vlm2vec_jax.mining.batches import write_batch_file
 from vlm2vec_jax.mining.miner import MiningSettings, TaskData, mine
 from vlm2vec_jax.mining.report import report_table, write_report
@@ -42,6 +43,8 @@ def main(config: ml_collections.ConfigDict) -> int:
         query, target, task = _teacher_vectors(config, train_set, out)
         seconds_teacher = time.perf_counter() - start
         batches, report = mine(_tasks(config, query, target, task, root), settings, progress=config.progress)
+    except ConfigError:
+        raise  # a usage error (e.g. a teacher directory that holds no model): run_cli reports it, exit 2
     except REPORTED_ERRORS as err:
         print(f"vlm2vec_jax.mine: error: {err}", file=sys.stderr)
         return 1
@@ -67,6 +70,8 @@ def _settings(config: ml_collections.ConfigDict) -> MiningSettings:
         )
     if config.teacher and not (config.data.root or config.data.synthetic):
         raise ConfigError("a teacher model embeds the training set: set config.data.root or config.data.synthetic")
+    if config.teacher:
+        resolve_model_dir(config.teacher)  # before reading any data
     settings = MiningSettings(
         batch_size=config.batch_size, cluster_size=config.cluster_size, p=config.p, m=config.m,
         hard_negatives=config.hard_negatives, epochs=config.epochs, seed=config.seed, block=config.ranking_block,
@@ -146,7 +151,6 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _embed(config: ml_collections.ConfigDict, train_set: TrainSet) -> tuple[np.ndarray, np.ndarray]:
     """The teacher's vectors of every query and positive, each distinct side encoded once."""
     from vlm2vec_jax.embedder import Embedder
-    from vlm2vec_jax.eval import resolve_model_dir
     from vlm2vec_jax.evaluation.encoding import SideEncoder
     from vlm2vec_jax.evaluation.sides import SideTable
 
