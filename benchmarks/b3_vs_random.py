@@ -1,0 +1,100 @@
+"""B3's claim in miniature: the demo model trained with random batches and with B3 batches.
+
+1. `random`: configs/demo.py with seeded random batches of one task each (VLM2Vec's sampler: the
+   same one-task-per-batch structure B3 batches have), `--steps` steps of `--batch-size`.
+2. Mining: `python -m vlm2vec_jax.mine` with that model as the teacher (B3 uses a model trained
+   without hard negatives of the same size), clusters of `--cluster-size`, enough epochs of batches
+   for the steps.
+3. `b3`: the same config, seed, steps and batch size, from the same random initialisation, on the
+   mined batch file.
+
+Both runs are evaluated by the trainer (MMEB protocol, synthetic eval datasets, `--eval-queries`
+per dataset) at the end; the script prints both Precision@1 tables and writes them to
+`<out>/b3_vs_random.json`. Every stage is the project's own CLI in a subprocess, so the figures are
+those a user gets; a rerun reuses finished stages (training resumes, mining is skipped when its
+batch file exists).
+
+    python benchmarks/b3_vs_random.py [--out runs/b3_vs_random] [--steps 350] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SYNTHETIC_TRAIN_ROWS = 6 * 4000  # six subsets of the "default" scale
+
+
+def run(command: list[str]) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def last_eval(workdir: Path) -> dict[str, float]:
+    """The last evaluation line of a run's metrics.jsonl, without the `eval/` prefix."""
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval/overall" in line]
+    if not evals:
+        raise SystemExit(f"{workdir}/metrics.jsonl holds no evaluation: did the run finish?")
+    return {key.removeprefix("eval/"): value for key, value in evals[-1].items() if key.startswith("eval/")}
+
+
+def train(workdir: Path, args: argparse.Namespace, *extra: str) -> dict[str, float]:
+    run([
+        sys.executable, "-m", "vlm2vec_jax.train", "--config", "configs/demo.py",
+        f"--config.workdir={workdir}", f"--config.seed={args.seed}",
+        f"--config.train.steps={args.steps}", f"--config.train.batch_size={args.batch_size}",
+        f"--config.train.learning_rate={args.learning_rate}",
+        f"--config.train.mask_duplicate_targets={args.mask_duplicates}",
+        "--config.data.homogeneous=True", "--config.eval.every=0",
+        f"--config.eval.max_queries={args.eval_queries}", f"--config.checkpoint.every={args.steps}",
+        *extra,
+    ])
+    return last_eval(workdir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "b3_vs_random")
+    parser.add_argument("--steps", type=int, default=350)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cluster-size", type=int, default=16, help="B3's K: rows per mined cluster")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--mask-duplicates", action=argparse.BooleanOptionalAction, default=False,
+                        help="train.mask_duplicate_targets in both runs (off: VLM2Vec's and B3's loss)")
+    parser.add_argument("--eval-queries", type=int, default=100, help="per eval dataset")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = args.out.resolve()
+
+    random_run, b3_run, mined = out / "random", out / "b3", out / "mined"
+    random_scores = train(random_run, args)
+
+    batches = mined / "batches.parquet"
+    if not batches.is_file():
+        epochs = math.ceil(args.steps * args.batch_size / SYNTHETIC_TRAIN_ROWS) + 1  # + the rows dropped per epoch
+        run([
+            sys.executable, "-m", "vlm2vec_jax.mine", "--config", "configs/mine_b3.py",
+            f"--config.out={mined}", f"--config.seed={args.seed}", f"--config.teacher={random_run}",
+            "--config.data.synthetic=default", f"--config.batch_size={args.batch_size}",
+            f"--config.cluster_size={args.cluster_size}", f"--config.epochs={epochs}",
+        ])
+    b3_scores = train(b3_run, args, f"--config.data.batch_file={batches}")
+
+    names = sorted(random_scores)
+    print(f"\n| P@1 | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
+    for label, scores in (("random batches", random_scores), ("B3 batches", b3_scores)):
+        print(f"| {label} | {' | '.join(f'{scores[n]:.3f}' for n in names)} |")
+    winner = "B3" if b3_scores["overall"] > random_scores["overall"] else "random batches"
+    print(f"\noverall: random {random_scores['overall']:.3f}, B3 {b3_scores['overall']:.3f} -> {winner} wins")
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "random": random_scores, "b3": b3_scores}
+    (out / "b3_vs_random.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
