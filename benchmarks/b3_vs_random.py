@@ -7,12 +7,15 @@
    for the steps.
 3. `b3`: the same config, seed, steps and batch size, from the same random initialisation, on the
    mined batch file.
+4. With `--warm-start` (B3 fine-tunes a pretrained model, not random weights): two more runs start
+   from the `random` run's export, `--steps` more steps each, one on random batches
+   (`random_then_random`) and one on the mined batches (`random_then_b3`).
 
-Both runs are evaluated by the trainer (MMEB protocol, synthetic eval datasets, `--eval-queries`
-per dataset) at the end; the script prints both Precision@1 tables and writes them to
+Every run is evaluated by the trainer at its end (MMEB protocol, synthetic eval datasets,
+`--eval-queries` per dataset); the script prints their Precision@1 side by side and writes them to
 `<out>/b3_vs_random.json`. Every stage is the project's own CLI in a subprocess, so the figures are
-those a user gets; a rerun reuses finished stages (training resumes, mining is skipped when its
-batch file exists).
+those a user gets. A rerun reuses finished stages: a finished run is read, an interrupted one
+resumes, mining is skipped when its batch file exists.
 
     python benchmarks/b3_vs_random.py [--out runs/b3_vs_random] [--steps 350] [--batch-size 64]
 """
@@ -35,16 +38,18 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=REPO)
 
 
-def last_eval(workdir: Path) -> dict[str, float]:
-    """The last evaluation line of a run's metrics.jsonl, without the `eval/` prefix."""
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    evals = [line for line in lines if "eval/overall" in line]
-    if not evals:
-        raise SystemExit(f"{workdir}/metrics.jsonl holds no evaluation: did the run finish?")
-    return {key.removeprefix("eval/"): value for key, value in evals[-1].items() if key.startswith("eval/")}
+def final_eval(workdir: Path, steps: int) -> dict[str, float] | None:
+    """The evaluation a finished run logged at `steps` (without the `eval/` prefix), or None."""
+    metrics = workdir / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    evals = [line for line in lines if "eval/overall" in line and line["step"] == steps]
+    return {key.removeprefix("eval/"): value for key, value in evals[-1].items() if key.startswith("eval/")} if evals else None
 
 
 def train(workdir: Path, args: argparse.Namespace, *extra: str) -> dict[str, float]:
+    """The run's final evaluation: trained (or resumed) by the trainer unless it already finished."""
+    if (scores := final_eval(workdir, args.steps)) is not None:
+        return scores
     run([
         sys.executable, "-m", "vlm2vec_jax.train", "--config", "configs/demo.py",
         f"--config.workdir={workdir}", f"--config.seed={args.seed}",
@@ -55,7 +60,9 @@ def train(workdir: Path, args: argparse.Namespace, *extra: str) -> dict[str, flo
         f"--config.eval.max_queries={args.eval_queries}", f"--config.checkpoint.every={args.steps}",
         *extra,
     ])
-    return last_eval(workdir)
+    if (scores := final_eval(workdir, args.steps)) is None:
+        raise SystemExit(f"{workdir}/metrics.jsonl holds no evaluation at step {args.steps}")
+    return scores
 
 
 def main() -> None:
@@ -69,6 +76,7 @@ def main() -> None:
                         help="train.mask_duplicate_targets in both runs (off: VLM2Vec's and B3's loss)")
     parser.add_argument("--eval-queries", type=int, default=100, help="per eval dataset")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-start", action="store_true", help="also compare both from the random run's model")
     args = parser.parse_args()
     out = args.out.resolve()
 
@@ -84,15 +92,18 @@ def main() -> None:
             "--config.data.synthetic=default", f"--config.batch_size={args.batch_size}",
             f"--config.cluster_size={args.cluster_size}", f"--config.epochs={epochs}",
         ])
-    b3_scores = train(b3_run, args, f"--config.data.batch_file={batches}")
+    runs = {"random batches": random_scores, "B3 batches": train(b3_run, args, f"--config.data.batch_file={batches}")}
+    if args.warm_start:
+        warm = f"--config.model.init={random_run / 'export'}"
+        runs["random, then random"] = train(out / "random_then_random", args, warm)
+        runs["random, then B3"] = train(out / "random_then_b3", args, warm, f"--config.data.batch_file={batches}")
 
     names = sorted(random_scores)
     print(f"\n| P@1 | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
-    for label, scores in (("random batches", random_scores), ("B3 batches", b3_scores)):
+    for label, scores in runs.items():
         print(f"| {label} | {' | '.join(f'{scores[n]:.3f}' for n in names)} |")
-    winner = "B3" if b3_scores["overall"] > random_scores["overall"] else "random batches"
-    print(f"\noverall: random {random_scores['overall']:.3f}, B3 {b3_scores['overall']:.3f} -> {winner} wins")
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "random": random_scores, "b3": b3_scores}
+    print("\noverall: " + ", ".join(f"{label} {scores['overall']:.3f}" for label, scores in runs.items()))
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
     (out / "b3_vs_random.json").write_text(json.dumps(report, indent=2))
 
 
