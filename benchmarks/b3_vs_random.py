@@ -29,8 +29,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vlm2vec_jax.data.synthetic import SCALES, TRAIN_SUBSETS
+
 REPO = Path(__file__).resolve().parent.parent
-SYNTHETIC_TRAIN_ROWS = 6 * 4000  # six subsets of the "default" scale
+SYNTHETIC_TRAIN_ROWS = SCALES["default"].train_rows * len(TRAIN_SUBSETS)  # the demo's training set
 
 
 def run(command: list[str]) -> None:
