@@ -25,7 +25,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.remat = False  # recompute layer activations in the backward pass (memory for compute)
     c.model.min_pixels = 3136  # image resize bounds (Qwen2-VL's smart_resize), override the checkpoint's
     c.model.max_pixels = 7056  # 84x84: 9 merged tokens
-    c.model.max_len = 64  # tokens per sequence (every sequence is padded to this: fixed shapes)
+    c.model.max_len = 64  # tokens per query (every query is padded to this: fixed shapes); longer texts are truncated
+    c.model.target_max_len = 0  # tokens per target (positives and hard negatives); 0 = max_len. Targets are often much shorter than queries (a label, an answer, an image): padding them to max_len wastes compute
     c.model.position_rule = "hf5"  # "hf5" (transformers 5.x M-RoPE) or "legacy" (VLM2Vec 4.x)
 
     c.lora = ml_collections.ConfigDict()

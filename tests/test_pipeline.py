@@ -225,6 +225,29 @@ def test_every_step_has_the_same_shapes(tiny_ckpt, images):
     assert shapes["valid"][0] == (4,) and shapes["target_valid"][0] == (12,)
 
 
+def test_targets_are_padded_and_truncated_to_their_own_length(tiny_ckpt, images):
+    """`target_max_len` shapes (and truncates) every target, positives and negatives, and leaves
+    queries at `max_len`; a target side with images must still fit the largest image."""
+    pairs = _pairs(images)
+    plan = RandomBatchPlan([p.dataset for p in pairs], batch_size=4, seed=0, homogeneous=True)
+    short = 18  # the 16 tokens of the largest image + 2 text tokens
+    source = _source(tiny_ckpt, pairs, plan, num_hard_negatives=1, target_max_len=short)
+    full = _source(tiny_ckpt, pairs, plan, num_hard_negatives=1)
+    for step in range(plan.steps_per_epoch):
+        record, reference = source[step], full[step]
+        assert record["query"]["input_ids"].shape == (4, MAX_LEN)
+        assert record["target"]["input_ids"].shape == (8, short)
+        np.testing.assert_array_equal(record["query"]["input_ids"], reference["query"]["input_ids"])
+        for i in range(8):
+            ids, expected = _target_text_ids(record, i), _target_text_ids(reference, i)
+            assert ids == expected[:short], (step, i)
+    with pytest.raises(ValueError, match="max_len 8 leaves no room"):
+        _source(tiny_ckpt, pairs, plan, target_max_len=8)  # t2i targets carry up to 16 image tokens
+    text_targets = [p for p in pairs if p.dataset != "t2i"]
+    text_plan = RandomBatchPlan([p.dataset for p in text_targets], batch_size=4, seed=0, homogeneous=True)
+    assert _source(tiny_ckpt, text_targets, text_plan, target_max_len=8)[0]["target"]["input_ids"].shape == (4, 8)
+
+
 def test_a_side_without_images_in_the_training_set_ships_no_pixels(tiny_ckpt, images):
     pairs = [p for p in _pairs(images) if p.dataset == "cls"]  # image queries, text targets
     plan = RandomBatchPlan([p.dataset for p in pairs], batch_size=4, seed=0, homogeneous=False)

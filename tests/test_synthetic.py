@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -478,6 +479,23 @@ def test_eval_rows_hold_hard_distractors(plan: Plan) -> None:
         # Grounding's one-off crops come from other rows' scenes, which a 12-row dataset may lack:
         # at least the own scene's confuser and one more.
         assert min(hard) >= (2 if EVAL_DATASETS[name][0] == "grounding" else SMALL.hard), (name, hard)
+
+
+def test_a_scale_without_hard_distractors_keeps_the_train_rows_and_draws_random_pools(
+    plan: Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's scale is default's with `hard=0`: the same training data, MMEB's kind of pools."""
+    assert SCALES["demo"] == replace(SCALES["default"], hard=0)
+    monkeypatch.setitem(SCALES, "small_random_pools", replace(SMALL, hard=0))
+    random_pools = build_plan(SEED, "small_random_pools")
+    assert random_pools.train == plan.train
+    for name, rows in random_pools.eval.items():
+        meta_task = EVAL_DATASETS[name][0]
+        assert [len(r.targets) for r in rows] == [len(r.targets) for r in plan.eval[name]], name
+        if meta_task != "retrieval":
+            continue  # every label; a small pool of answers or crops is full of near misses by chance
+        hard = [sum(hard_pair(name, r.targets[0], t) or wrong_edit(name, r.query, t) for t in r.targets[1:]) for r in rows]
+        assert sum(hard) < len(rows) * SMALL.hard / 2, (name, hard)  # the small scale puts in 4 per row
 
 
 def test_train_rows_come_in_shuffled_families(plan: Plan) -> None:

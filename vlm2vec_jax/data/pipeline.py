@@ -37,7 +37,7 @@ own explicit negatives (MMEB's neg_text/neg_image_path), the first h of them.
 Vision row i holds sequence i's image (`Batcher(aligned=True)`), so the trainer can chunk and shard
 rows of sequences and vision arrays together.
 
-Fixed shapes: text length = `max_len` for every sequence; patches per vision row = the largest
+Fixed shapes: text length = `max_len` for every query and `target_max_len` for every target; patches per vision row = the largest
 image `max_pixels` allows; vision rows = the number of sequences (each side has at most one
 image), or 0 for a side to which no pair of the training set gives an image (the batcher's
 text-only shape: no zero pixels shipped every step). That is the worst case padded once, so every
@@ -91,6 +91,7 @@ class TrainBatchSource:
         *,
         max_len: int,
         num_steps: int,
+        target_max_len: int | None = None,
         num_hard_negatives: int = 0,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
@@ -101,7 +102,9 @@ class TrainBatchSource:
     ) -> None:
         """`pairs` in the training set's global row order (what plan rows index); `processor_dir`
         holds the tokenizer and preprocessor_config.json (a checkpoint directory); `num_steps` is the
-        source's length (steps past an epoch wrap into the next one). `pairs` is pickled into every
+        source's length (steps past an epoch wrap into the next one); `target_max_len` pads and
+        truncates target sequences (positives and negatives) instead of `max_len`, since targets
+        (labels, answers, captions, an image) are often far shorter than queries. `pairs` is pickled into every
         worker: pass a compact sequence for large training sets."""
         if plan.batch_size % process_count:
             raise ValueError(f"the global batch size {plan.batch_size} is not divisible by {process_count} processes")
@@ -115,6 +118,7 @@ class TrainBatchSource:
         self.plan = plan
         self.processor_dir = os.fspath(processor_dir)
         self.max_len = int(max_len)
+        self.target_max_len = int(target_max_len or max_len)
         self.num_steps = int(num_steps)
         self.num_hard_negatives = int(num_hard_negatives)
         self.rope_rule = rope_rule
@@ -126,36 +130,44 @@ class TrainBatchSource:
         self.image_config = ImageProcessorConfig.from_pretrained_dir(
             self.processor_dir, min_pixels=min_pixels, max_pixels=max_pixels
         )
-        self.patches_per_row = vision_row_patches(self.image_config, self.max_len)
         h = self.num_hard_negatives
         query_images = any(p.query.image is not None for p in pairs)
         target_images = any(
             p.positive.image is not None or any(n.image is not None for n in p.negatives[:h]) for p in pairs
         )
+        image_side_lengths = [n for n, has in ((self.max_len, query_images), (self.target_max_len, target_images)) if has]
+        self.patches_per_row = vision_row_patches(self.image_config, min(image_side_lengths, default=self.max_len))
         self.query_vision_rows = self.per_host if query_images else 0
         self.target_vision_rows = self.per_host * (1 + h) if target_images else 0
         _ = self.text  # load the tokenizer here so a bad processor_dir fails before any worker starts
 
-    # The tokenizer and batchers are rebuilt in each worker rather than pickled.
+    # The tokenizers and batchers are rebuilt in each worker rather than pickled.
     @cached_property
     def text(self) -> TextProcessor:
+        """The query side's tokenizer (truncates to `max_len`)."""
         return TextProcessor.from_pretrained_dir(self.processor_dir, max_len=self.max_len)
 
     @cached_property
+    def target_text(self) -> TextProcessor:
+        """The target side's: the same tokenizer, truncating to `target_max_len`."""
+        return TextProcessor(self.text.tokenizer, self.text.image_token, max_len=self.target_max_len)
+
+    @cached_property
     def _query_batcher(self) -> Batcher:
-        return self._batcher(self.per_host, self.query_vision_rows)
+        return self._batcher(self.text, self.per_host, self.query_vision_rows)
 
     @cached_property
     def _target_batcher(self) -> Batcher:
-        return self._batcher(self.per_host * (1 + self.num_hard_negatives), self.target_vision_rows)
+        return self._batcher(self.target_text, self.per_host * (1 + self.num_hard_negatives), self.target_vision_rows)
 
-    def _batcher(self, sequences: int, vision_rows: int) -> Batcher:
+    def _batcher(self, text: TextProcessor, sequences: int, vision_rows: int) -> Batcher:
         """One bucket per dimension: the same shapes at every step (module docstring)."""
-        buckets = BucketSpec((self.max_len,), (self.patches_per_row,), (max(1, vision_rows),), batch_size=sequences)
-        return Batcher.from_text_processor(self.text, buckets, merge_size=self.image_config.merge_size, aligned=True)
+        buckets = BucketSpec((text.max_len,), (self.patches_per_row,), (max(1, vision_rows),), batch_size=sequences)
+        return Batcher.from_text_processor(text, buckets, merge_size=self.image_config.merge_size, aligned=True)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("text", "_query_batcher", "_target_batcher")}
+        skip = ("text", "target_text", "_query_batcher", "_target_batcher")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __len__(self) -> int:
         return self.num_steps
@@ -164,6 +176,7 @@ class TrainBatchSource:
         return (
             f"TrainBatchSource(plan={self.plan!r}, pairs={len(self.pairs)}, num_steps={self.num_steps}, "
             f"process={self.process_index}/{self.process_count}, max_len={self.max_len}, "
+            f"target_max_len={self.target_max_len}, "
             f"patches_per_row={self.patches_per_row}, hard_negatives={self.num_hard_negatives}, "
             f"rope_rule={self.rope_rule!r}, bad_data={self.bad_data!r})"
         )
@@ -185,14 +198,14 @@ class TrainBatchSource:
         target_key = np.full(self.per_host * (1 + h), -1, np.int32)
         for i, (row, mined_rows) in enumerate(zip(rows, mined)):
             pair = self.pairs[int(row)]
-            query = self._example(pair, pair.query, "query", handler, images)
-            positive = self._example(pair, pair.positive, "positive", handler, images) if query is not None else None
+            query = self._example(self.text, pair, pair.query, "query", handler, images)
+            positive = self._example(self.target_text, pair, pair.positive, "positive", handler, images) if query is not None else None
             negatives: list[Example | None] = [None] * h
             if query is not None and positive is not None:
                 valid[i] = target_valid[i * (1 + h)] = True
                 target_key[i * (1 + h)] = content_key(pair.positive)
                 for k, (owner, side, field) in enumerate(self._negative_sides(pair, mined_rows)):
-                    negatives[k] = self._example(owner, side, field, handler, images)
+                    negatives[k] = self._example(self.target_text, owner, side, field, handler, images)
                     if negatives[k] is not None:
                         target_valid[i * (1 + h) + 1 + k] = True
                         target_key[i * (1 + h) + 1 + k] = content_key(side)
@@ -219,9 +232,11 @@ class TrainBatchSource:
         return [(pair, side, f"negatives[{k}]") for k, side in enumerate(pair.negatives[:h])]
 
     def _example(
-        self, pair: TrainPair, side: Side, field: str, handler: BadDataHandler, images: dict[str, ProcessedImage]
+        self, text_processor: TextProcessor, pair: TrainPair, side: Side, field: str, handler: BadDataHandler,
+        images: dict[str, ProcessedImage],
     ) -> Example | None:
-        """Tokens and image of one side, or None when the bad-data policy skips it (counted)."""
+        """Tokens (truncated by `text_processor`) and image of one side, or None when the bad-data
+        policy skips it (counted)."""
         where = {"dataset": pair.dataset, "row": pair.row}
         text = with_image_placeholder(to_backbone_text(side.text), side.image is not None, self.text.image_token)
         if not handler.check_side(
@@ -230,7 +245,7 @@ class TrainBatchSource:
         ):
             return None
         if side.image is None:
-            return Example(self.text.encode(text), (), self.rope_rule)
+            return Example(text_processor.encode(text), (), self.rope_rule)
         image = images.get(side.image)
         if image is None:
             pil = handler.load_image(side.image, **where, column=f"{field}.image")
@@ -245,7 +260,7 @@ class TrainBatchSource:
                                problem=f"image file {side.image}: {e}", cause=e)
                 return None
             images[side.image] = image
-        return Example(self.text.encode(text, [image.num_tokens]), (image,), self.rope_rule)
+        return Example(text_processor.encode(text, [image.num_tokens]), (image,), self.rope_rule)
 
     def _fixed(self, batcher: Batcher, examples: list[Example], vision_rows: int) -> ModelInputs:
         """`batcher(examples)`, with the vision arrays of a step without images padded to the fixed

@@ -83,20 +83,21 @@ def abstract_inputs(rows: int, signature: ShapeSignature, patch_dim: int) -> Mod
 
 
 def abstract_batch(config: ml_collections.ConfigDict, model: Qwen2VLConfig, mesh: Mesh) -> dict[str, Any]:
-    """The global batch the pipeline would feed, as sharded ShapeDtypeStructs: every sequence padded
-    to `model.max_len`, and (MMEB's worst case, which the fixed shapes pay every step) an image on
+    """The global batch the pipeline would feed, as sharded ShapeDtypeStructs: every query padded
+    to `model.max_len` and every target to `model.target_max_len`, and (MMEB's worst case, which the fixed shapes pay every step) an image on
     every query and target, each in its own vision row of the largest image `max_pixels` allows."""
     v = model.vision
     image = ImageProcessorConfig(
         min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels, patch_size=v.patch_size,
         temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
     )
-    patches = vision_row_patches(image, config.model.max_len)
+    query_len, target_len = config.model.max_len, config.model.target_max_len or config.model.max_len
+    patches = vision_row_patches(image, min(query_len, target_len))
     queries = config.train.batch_size
     targets = queries * (1 + config.train.hard_negatives)
     sides = {
-        "query": abstract_inputs(queries, ShapeSignature(queries, config.model.max_len, queries, patches), v.patch_dim),
-        "target": abstract_inputs(targets, ShapeSignature(targets, config.model.max_len, targets, patches), v.patch_dim),
+        "query": abstract_inputs(queries, ShapeSignature(queries, query_len, queries, patches), v.patch_dim),
+        "target": abstract_inputs(targets, ShapeSignature(targets, target_len, targets, patches), v.patch_dim),
     }
     masks = {
         "valid": jax.ShapeDtypeStruct((queries,), jnp.bool_),
@@ -174,6 +175,7 @@ def _report(
             "dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "remat": c.model.remat,
             "train_mode": c.train.mode, "dora": c.lora.dora, "lora_rank": c.lora.rank,
             "batch_size": queries, "targets": batch["target_valid"].shape[0], "max_len": c.model.max_len,
+            "target_max_len": batch["target"]["input_ids"].shape[1],
             "patches_per_image": batch["query"]["patch_segment_ids"].shape[1],
             "gc_chunk_size": chunk, "gc_chunks_per_device": queries // per_device // chunk if chunk else 0,
         },
@@ -197,7 +199,7 @@ def _describe(r: dict[str, Any]) -> str:
     return "\n".join([
         f"geometry {c['geometry']}: {p['frozen'] / 1e9:.3f}B frozen ({p['frozen_gib']:.2f} GiB {c['param_dtype']}), "
         f"{p['trained'] / 1e6:.2f}M trained ({c['train_mode']}{', DoRA' if c['dora'] and c['train_mode'] == 'lora' else ''}; float32 master + AdamW)",
-        f"mesh {mesh} on {t['devices']} devices; batch {c['batch_size']} queries + {c['targets']} targets of {c['max_len']} tokens "
+        f"mesh {mesh} on {t['devices']} devices; batch {c['batch_size']} queries + {c['targets']} targets of {c['max_len']} / {c['target_max_len']} tokens "
         f"and {c['patches_per_image']} patches each; {chunks}; compute {c['dtype']}, remat {c['remat']}",
         f"compiled in {r['compile_seconds']:.1f} s",
         f"per-device memory: arguments {m['arguments_gib']:.2f} GiB, outputs {m['outputs_gib']:.2f}, donated (aliased) "

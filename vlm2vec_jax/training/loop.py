@@ -222,7 +222,7 @@ class Trainer:
     def _records(self) -> Iterator[dict[str, Any]]:
         c = self.config
         source = TrainBatchSource(
-            self.train_set, self.plan, self.model_dir, max_len=c.model.max_len, num_steps=c.train.steps,
+            self.train_set, self.plan, self.model_dir, max_len=c.model.max_len, target_max_len=c.model.target_max_len, num_steps=c.train.steps,
             num_hard_negatives=c.train.hard_negatives, min_pixels=c.model.min_pixels, max_pixels=c.model.max_pixels,
             rope_rule=c.model.position_rule, bad_data=c.data.bad_data,
             process_index=jax.process_index(), process_count=jax.process_count(),
