@@ -11,7 +11,7 @@
    from the `random` run's export, `--steps` more steps each, one on random batches
    (`random_then_random`) and one on the mined batches (`random_then_b3`).
 
-Every run is evaluated by the trainer at its end (MMEB protocol, synthetic eval datasets,
+Every run is evaluated by the trainer at its end (MMEB protocol, the default scale's synthetic eval datasets, with their one-edit distractors,
 `--eval-queries` per dataset); the script prints their Precision@1 side by side and writes them to
 `<out>/b3_vs_random.json`. Every stage is the project's own CLI in a subprocess, so the figures are
 those a user gets. A rerun reuses finished stages: a finished run is read, an interrupted one
@@ -59,6 +59,7 @@ def train(workdir: Path, args: argparse.Namespace, *extra: str) -> dict[str, flo
         f"--config.train.learning_rate={args.learning_rate}",
         f"--config.train.mask_duplicate_targets={args.mask_duplicates}",
         "--config.data.homogeneous=True", "--config.eval.every=0",
+        "--config.data.synthetic=default",  # the near-duplicate eval pools, where batch composition shows
         f"--config.eval.max_queries={args.eval_queries}", f"--config.checkpoint.every={args.steps}",
         *extra,
     ])
