@@ -11,8 +11,8 @@
    from the `random` run's export, `--steps` more steps each, one on random batches
    (`random_then_random`) and one on the mined batches (`random_then_b3`).
 
-Every run is evaluated by the trainer at its end (MMEB protocol, the default scale's synthetic eval datasets, with their one-edit distractors,
-`--eval-queries` per dataset); the script prints their Precision@1 side by side and writes them to
+Every run is evaluated by the trainer at its end (MMEB protocol, the default scale's synthetic eval
+datasets with their one-edit distractors, `--eval-queries` per dataset); the script prints their Precision@1 side by side and writes them to
 `<out>/b3_vs_random.json`. Every stage is the project's own CLI in a subprocess, so the figures are
 those a user gets. A rerun reuses finished stages: a finished run is read, an interrupted one
 resumes, mining is skipped when its batch file exists.
