@@ -199,7 +199,8 @@ def _encode_direct(directory: str) -> dict:
 
 
 def child_write(directory: str, shard_bytes: str) -> dict:
-    from vlm2vec_jax.testing.random_checkpoint import qwen2vl_2b_config, write_random_checkpoint
+    from vlm2vec_jax.models.qwen2_vl.geometries import qwen2vl_2b_config
+    from vlm2vec_jax.testing.random_checkpoint import write_random_checkpoint
 
     directory = Path(directory)
     result = {"write_seconds": None}

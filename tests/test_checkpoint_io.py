@@ -321,7 +321,8 @@ def test_random_checkpoint_is_a_real_checkpoint(tmp_path):
     from transformers import AutoTokenizer
 
     from vlm2vec_jax.models.qwen2_vl.config import TextConfig, VisionConfig
-    from vlm2vec_jax.testing.random_checkpoint import iter_random_tensors, qwen2vl_2b_config, write_random_checkpoint
+    from vlm2vec_jax.models.qwen2_vl.geometries import qwen2vl_2b_config
+    from vlm2vec_jax.testing.random_checkpoint import iter_random_tensors, write_random_checkpoint
 
     full = qwen2vl_2b_config()
     assert (full.text.hidden_size, full.text.num_layers, full.vision.depth, full.text.vocab_size) == (1536, 28, 32, 151936)
@@ -377,7 +378,8 @@ def test_loading_peaks_near_one_copy_of_the_parameters(tmp_path):
     import sys
 
     from vlm2vec_jax.models.qwen2_vl.config import TextConfig, VisionConfig
-    from vlm2vec_jax.testing.random_checkpoint import qwen2vl_2b_config, write_random_checkpoint
+    from vlm2vec_jax.models.qwen2_vl.geometries import qwen2vl_2b_config
+    from vlm2vec_jax.testing.random_checkpoint import write_random_checkpoint
 
     config = qwen2vl_2b_config().replace(
         text=TextConfig(vocab_size=32000, hidden_size=1024, num_layers=6, num_heads=8, num_kv_heads=2, intermediate_size=5632),

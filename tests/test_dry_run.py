@@ -14,7 +14,7 @@ import pytest
 
 from training_runs import REPO
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vlm2vec_jax.testing.random_checkpoint import qwen2vl_2b_config
+from vlm2vec_jax.models.qwen2_vl.geometries import qwen2vl_2b_config
 
 RECIPE = REPO / "configs/qwen2vl_2b_vlm2vec.py"
 GIB = 2.0**30

@@ -31,6 +31,9 @@ from ml_collections import ConfigDict, config_flags
 __all__ = ["USAGE_ERROR", "ConfigError", "config_keys", "dump_config", "parse_config", "run_cli"]
 
 USAGE_ERROR = 2
+# Failures whose message says all a user needs (bad data or file, bad value, NaN loss, out of memory):
+# a CLI prints the message alone and exits 1.
+REPORTED_ERRORS = (ValueError, FileNotFoundError, MemoryError, FloatingPointError)
 _FLAG = "config"
 _OVERRIDE_PREFIXES = (f"--{_FLAG}.", f"-{_FLAG}.", f"--no{_FLAG}.", f"-no{_FLAG}.")
 

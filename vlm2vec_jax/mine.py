@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from vlm2vec_jax.cli_config import ConfigError, dump_config, run_cli
+from vlm2vec_jax.cli_config import REPORTED_ERRORS, ConfigError, dump_config, run_cli
 from vlm2vec_jax.data.mmeb_train import TrainSet
 from vlm2vec_jax.data.registry import UnknownDatasetError, train_subset_info
 from vlm2vec_jax.eval import resolve_model_dir
@@ -30,8 +30,6 @@ BATCH_FILE = "batches.parquet"
 REPORT_FILE = "report.json"
 EMBEDDINGS_FILE = "embeddings.npz"
 NPZ_KEYS = ("query", "target", "task")
-# Failures whose message says all a user needs (bad file, bad value, out of memory).
-REPORTED_ERRORS = (ValueError, FileNotFoundError, MemoryError)
 
 
 def main(config: ml_collections.ConfigDict) -> int:

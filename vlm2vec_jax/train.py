@@ -6,11 +6,8 @@ import sys
 
 import ml_collections
 
-from vlm2vec_jax.cli_config import run_cli
+from vlm2vec_jax.cli_config import REPORTED_ERRORS, run_cli
 from vlm2vec_jax.training.distributed import initialize
-
-# Failures whose message says all a user needs (bad data, bad value, NaN loss, out of memory).
-REPORTED_ERRORS = (ValueError, FileNotFoundError, MemoryError, FloatingPointError)
 
 
 def main(config: ml_collections.ConfigDict) -> int:

@@ -29,7 +29,7 @@ from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
 from vlm2vec_jax.processing.batching import ShapeSignature
 from vlm2vec_jax.processing.image import ImageProcessorConfig
-from vlm2vec_jax.testing.random_checkpoint import GEOMETRIES
+from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
 from vlm2vec_jax.training.loop import CompiledStep, add_adapters, compile_step, master_weights, optimization, split_for_training
 from vlm2vec_jax.training.model_init import RANDOM
 from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh
