@@ -494,7 +494,9 @@ def test_a_scale_without_hard_distractors_keeps_the_train_rows_and_draws_random_
         assert [len(r.targets) for r in rows] == [len(r.targets) for r in plan.eval[name]], name
         if meta_task != "retrieval":
             continue  # every label; a small pool of answers or crops is full of near misses by chance
-        hard = [sum(hard_pair(name, r.targets[0], t) or wrong_edit(name, r.query, t) for t in r.targets[1:]) for r in rows]
+        hard = [
+            sum(hard_pair(name, r.targets[0], t) or wrong_edit(name, r.query, t) for t in r.targets[1:]) for r in rows
+        ]
         assert sum(hard) < len(rows) * SMALL.hard / 2, (name, hard)  # the small scale puts in 4 per row
 
 

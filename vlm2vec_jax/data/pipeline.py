@@ -37,10 +37,10 @@ own explicit negatives (MMEB's neg_text/neg_image_path), the first h of them.
 Vision row i holds sequence i's image (`Batcher(aligned=True)`), so the trainer can chunk and shard
 rows of sequences and vision arrays together.
 
-Fixed shapes: text length = `max_len` for every query and `target_max_len` for every target; patches per vision row = the largest
-image `max_pixels` allows; vision rows = the number of sequences (each side has at most one
-image), or 0 for a side to which no pair of the training set gives an image (the batcher's
-text-only shape: no zero pixels shipped every step). That is the worst case padded once, so every
+Fixed shapes: text length = `max_len` for every query and `target_max_len` for every target;
+patches per vision row = the largest image `max_pixels` allows; vision rows = the number of
+sequences (each side has at most one image), or 0 for a side to which no pair of the training set
+gives an image (the batcher's text-only shape: no zero pixels shipped every step). That is the worst case padded once, so every
 step compiles to the same program; it costs memory at large `max_pixels` (64 sequences x 5120
 patches x 1176 floats is 1.5 GB of pixels), so set `max_pixels` to what the data needs.
 
@@ -104,8 +104,8 @@ class TrainBatchSource:
         holds the tokenizer and preprocessor_config.json (a checkpoint directory); `num_steps` is the
         source's length (steps past an epoch wrap into the next one); `target_max_len` pads and
         truncates target sequences (positives and negatives) instead of `max_len`, since targets
-        (labels, answers, captions, an image) are often far shorter than queries. `pairs` is pickled into every
-        worker: pass a compact sequence for large training sets."""
+        (labels, answers, captions, an image) are often far shorter than queries (None = max_len).
+        `pairs` is pickled into every worker: pass a compact sequence for large training sets."""
         if plan.batch_size % process_count:
             raise ValueError(f"the global batch size {plan.batch_size} is not divisible by {process_count} processes")
         if not 0 <= process_index < process_count:
@@ -135,7 +135,8 @@ class TrainBatchSource:
         target_images = any(
             p.positive.image is not None or any(n.image is not None for n in p.negatives[:h]) for p in pairs
         )
-        image_side_lengths = [n for n, has in ((self.max_len, query_images), (self.target_max_len, target_images)) if has]
+        sides = ((self.max_len, query_images), (self.target_max_len, target_images))
+        image_side_lengths = [length for length, has_images in sides if has_images]
         self.patches_per_row = vision_row_patches(self.image_config, min(image_side_lengths, default=self.max_len))
         self.query_vision_rows = self.per_host if query_images else 0
         self.target_vision_rows = self.per_host * (1 + h) if target_images else 0
@@ -199,7 +200,9 @@ class TrainBatchSource:
         for i, (row, mined_rows) in enumerate(zip(rows, mined)):
             pair = self.pairs[int(row)]
             query = self._example(self.text, pair, pair.query, "query", handler, images)
-            positive = self._example(self.target_text, pair, pair.positive, "positive", handler, images) if query is not None else None
+            positive = None if query is None else self._example(
+                self.target_text, pair, pair.positive, "positive", handler, images
+            )
             negatives: list[Example | None] = [None] * h
             if query is not None and positive is not None:
                 valid[i] = target_valid[i * (1 + h)] = True
