@@ -14,8 +14,8 @@
 Every run is evaluated by the trainer at its end (MMEB protocol, the default scale's synthetic eval
 datasets with their one-edit distractors, `--eval-queries` per dataset); the script prints their
 Precision@1 side by side and writes them to `<out>/b3_vs_random.json`. Every stage is the project's
-own CLI in a subprocess, so the figures are those a user gets. A rerun reuses finished stages: a finished run is read, an interrupted one
-resumes, mining is skipped when its batch file exists.
+own CLI in a subprocess, so the figures are those a user gets. A rerun reuses finished stages: a
+finished run is read, an interrupted one resumes, mining is skipped when its batch file exists.
 
     python benchmarks/b3_vs_random.py [--out runs/b3_vs_random] [--steps 350] [--batch-size 64]
 """

@@ -40,9 +40,10 @@ rows of sequences and vision arrays together.
 Fixed shapes: text length = `max_len` for every query and `target_max_len` for every target;
 patches per vision row = the largest image `max_pixels` allows; vision rows = the number of
 sequences (each side has at most one image), or 0 for a side to which no pair of the training set
-gives an image (the batcher's text-only shape: no zero pixels shipped every step). That is the worst case padded once, so every
-step compiles to the same program; it costs memory at large `max_pixels` (64 sequences x 5120
-patches x 1176 floats is 1.5 GB of pixels), so set `max_pixels` to what the data needs.
+gives an image (the batcher's text-only shape: no zero pixels shipped every step). That is the worst
+case padded once, so every step compiles to the same program; it costs memory at large `max_pixels`
+(64 sequences x 5120 patches x 1176 floats is 1.5 GB of pixels), so set `max_pixels` to what the
+data needs.
 
 Records need the tokenizer of `processor_dir`; it is loaded in the constructor (fail fast) and
 again lazily in each worker process, since grain spawns workers and pickles the source.
