@@ -23,6 +23,7 @@ from vlm2vec_jax.models.lora import (
     lora_adapters,
     lora_parameter_count,
     merge_lora,
+    sequence_positions,
     set_lora_dropout,
 )
 from vlm2vec_jax.models.pooling import l2_normalize, last_token_pool
@@ -179,7 +180,7 @@ def test_training_mode_with_dropout_matches_peft_given_the_same_masks(tiny_ckpt,
     config = CONFIGS[name]
     ref = peft_reference(tiny_ckpt, config)
     ours = ours_from_peft(tiny_ckpt, config, ref)
-    set_lora_dropout(ours, jax.random.key(7), jnp.arange(10, 14))
+    set_lora_dropout(ours, jax.random.key(7), jnp.arange(10, 14), sequence_positions(batch.ours["attention_mask"]))
     keys = next(lora_adapters(ours)).dropout_keys[...]  # every adapter holds the same keys
     rows, length = batch.ours["input_ids"].shape
     without_dropout = peft_hidden_states(ref, batch)
@@ -245,7 +246,7 @@ def test_fresh_adapters_change_nothing_and_start_where_peft_does(tiny_ckpt, hf, 
     model = load_pretrained(tiny_ckpt)
     plain = np.asarray(jax.jit(model.hidden_states)(batch.ours))
     apply_lora(model, config, nnx.Rngs(0))
-    set_lora_dropout(model, jax.random.key(1), jnp.arange(4))  # dropout of a zero update is still zero
+    set_lora_dropout(model, jax.random.key(1), jnp.arange(4), sequence_positions(batch.ours["attention_mask"]))  # dropout of a zero update is still zero
     np.testing.assert_allclose(np.asarray(jax.jit(model.hidden_states)(batch.ours))[batch.mask], plain[batch.mask], atol=ATOL, rtol=0)
 
     fresh = peft_modules(peft_reference(tiny_ckpt, config, seed=None))
@@ -284,7 +285,7 @@ def dora_model(tiny_ckpt):
 @jax.jit(static_argnums=0)
 def _run_with_dropout(graphdef, state, inputs: dict, key: jax.Array, ids: jax.Array | None) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    set_lora_dropout(model, key, ids)
+    set_lora_dropout(model, key, ids, sequence_positions(inputs["attention_mask"]))
     return model(inputs)
 
 
@@ -313,9 +314,9 @@ def test_dropout_depends_on_the_example_not_the_batch(hf, dora_model):
 
 
 def test_dropout_keys_must_match_the_batch(batch, dora_model):
-    set_lora_dropout(dora_model, jax.random.key(0), jnp.arange(3))
+    set_lora_dropout(dora_model, jax.random.key(0), jnp.arange(3), jnp.zeros((3, 5), jnp.int32))
     try:
-        with pytest.raises(ValueError, match="set for 3 examples but the batch has 4 rows"):
+        with pytest.raises(ValueError, match="set for 3 x 5 tokens but the input has 4 x"):
             dora_model.hidden_states(batch.ours)
     finally:
         set_lora_dropout(dora_model, jax.random.key(0), None)
@@ -323,9 +324,10 @@ def test_dropout_keys_must_match_the_batch(batch, dora_model):
 
 def test_inference_embed_equals_training_path(batch, dora_model):
     """`embed` indexes the stacked leaves (dropout keys included) in a fori_loop; it must equal
-    `__call__` with dropout off, and still run with keys set."""
-    set_lora_dropout(dora_model, jax.random.key(0), jnp.arange(4))
-    assert np.isfinite(np.asarray(jax.jit(dora_model.embed)(batch.ours))).all()
+    `__call__` with dropout off, and refuse training dropout (its last layer holds one token)."""
+    set_lora_dropout(dora_model, jax.random.key(0), jnp.arange(4), sequence_positions(batch.ours["attention_mask"]))
+    with pytest.raises(ValueError, match="turn dropout off"):
+        jax.jit(dora_model.embed)(batch.ours)
     set_lora_dropout(dora_model, jax.random.key(0), None)
     full = np.asarray(jax.jit(lambda b: dora_model(b))(batch.ours))
     np.testing.assert_allclose(np.asarray(jax.jit(dora_model.embed)(batch.ours)), full, atol=ATOL, rtol=0)
@@ -343,7 +345,7 @@ def test_gradients_flow_to_every_adapter_parameter_with_and_without_remat(tiny_c
         @jax.jit
         def loss(params, rest, inputs):
             m = nnx.merge(graphdef, params, rest)
-            set_lora_dropout(m, jax.random.key(9), jnp.arange(4))
+            set_lora_dropout(m, jax.random.key(9), jnp.arange(4), sequence_positions(inputs["attention_mask"]))
             return jnp.sum(m(inputs) * weights)
 
         grads[remat] = jax.jit(jax.grad(loss))(params, rest, batch.ours)

@@ -25,6 +25,8 @@ from typing import TypedDict
 
 import numpy as np
 
+# Patches per merged image token: Qwen2-VL's merger joins 2 x 2 patches.
+MERGE_UNITS = 4
 TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "image_token_index")
 VISION_KEYS = ("pixel_values", "patch_positions", "patch_segment_ids")
 

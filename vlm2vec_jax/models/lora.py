@@ -6,13 +6,12 @@ stacked (scanned) linear each, so one `LoRALinear` wraps a fused linear and adap
 column group on its own, exactly as PEFT adapts the separate HF linears; untargeted groups stay
 plain base columns. Every adapter parameter has a leading layer axis like the rest of the stack.
 
-Dropout is a pure function of (step key, example id, layer, target, token index): never of which
-other rows share the batch, so GradCache chunks, sharded and single-device runs all draw the same
-masks. The token index is the position in the padded row, so right padding (or one padded length
-for the whole step) keeps an example's masks independent of the batch's padded length. The keys
-live in `LoRADropoutKeys` variables shaped (layers, batch, key) so that the scan over layers (and
-the inference path's per-layer indexing) slices them like parameters; a zero-size batch axis means
-no dropout, which is also the state right after `apply_lora`.
+Dropout is a pure function of (step key, example id, position of the token inside its own
+sequence, layer, target): never of which other sequences share the batch or the row, nor of the
+padding, so GradCache chunks, packed rows, sharded and single-device runs all draw the same masks.
+The keys are set per token in `LoRADropoutKeys` variables shaped (layers, batch, length, key) so
+that the scan over layers slices them like parameters; a zero-size batch axis means no dropout,
+which is also the state right after `apply_lora`.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ class LoRAParam(nnx.Param):
 
 
 class LoRADropoutKeys(nnx.Variable):
-    """Per-layer, per-example dropout key data (layers, batch, *key_shape); batch 0 = no dropout."""
+    """Per-layer, per-token dropout key data (layers, batch, length, *key_shape); batch 0 = no dropout."""
 
 
 class LoRAGroup(nnx.Module):
@@ -86,16 +85,14 @@ class LoRAGroup(nnx.Module):
 
 
 def dropout(x: jax.Array, keys: jax.Array, stream: int, rate: float) -> jax.Array:
-    """Inverted dropout (torch's nn.Dropout) of x (B, ..., D): row b's mask is drawn per token from
-    keys[b] folded with `stream` and the token's index, so it depends on nothing else in the batch."""
-    tokens = math.prod(x.shape[1:-1])
+    """Inverted dropout (torch's nn.Dropout) of x (B, L, D): token (b, t)'s mask is drawn from its
+    own key keys[b, t] folded with `stream`, so it depends on nothing else in the batch."""
 
     def keep(key_data: jax.Array) -> jax.Array:
         key = jax.random.fold_in(jax.random.wrap_key_data(key_data), stream)
-        token_keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(tokens))
-        return jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[-1:]))(token_keys)
+        return jax.random.bernoulli(key, 1.0 - rate, x.shape[-1:])
 
-    mask = jax.vmap(keep)(keys).reshape(x.shape)
+    mask = jax.vmap(jax.vmap(keep))(keys)
     return x * jnp.where(mask, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
 
 
@@ -128,7 +125,7 @@ class LoRALinear(nnx.Module):
             start += width
         self.lora = nnx.Dict(groups)
         key_shape = jax.random.key_data(jax.random.key(0)).shape
-        self.dropout_keys = LoRADropoutKeys(jnp.zeros((layers, 0, *key_shape), jnp.uint32))
+        self.dropout_keys = LoRADropoutKeys(jnp.zeros((layers, 0, 0, *key_shape), jnp.uint32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """One layer's slice (the stack is scanned or indexed first): x (B, ..., in) -> (B, ..., out)."""
@@ -136,10 +133,11 @@ class LoRALinear(nnx.Module):
         keys = self.dropout_keys[...]
         if self.rate == 0.0 or keys.shape[0] == 0:
             keys = None
-        elif keys.shape[0] != x.shape[0]:
+        elif keys.shape[:2] != x.shape[:2]:
             raise ValueError(
-                f"LoRA dropout keys were set for {keys.shape[0]} examples but the batch has {x.shape[0]} rows; "
-                "call set_lora_dropout with this batch's example ids"
+                f"LoRA dropout keys were set for {keys.shape[0]} x {keys.shape[1]} tokens but the input has "
+                f"{x.shape[0]} x {x.shape[1]}; call set_lora_dropout with this batch's example ids and positions "
+                "(inference computes one token in the last layer: turn dropout off with example_ids=None)"
             )
         pieces, start = [], 0
         for name, width in self.layout:
@@ -216,27 +214,39 @@ def lora_adapters(model: nnx.Module) -> Iterator[LoRALinear]:
             yield node
 
 
-def set_lora_dropout(model: nnx.Module, key: jax.Array, example_ids: jax.Array | None) -> None:
-    """Draw dropout for this forward from `key` (typed or raw, default PRNG) and the batch's
-    example ids (B,), stable identifiers (e.g. global positions in the step's batch): keys[l, b] =
-    fold_in(fold_in(key, example_ids[b]), l). `example_ids=None` turns dropout off; do so for
-    inference (`Qwen2VL.embed` computes the last layer for one token, so its masks would differ from
-    the training path's). Traceable, so it can run inside jit / scan bodies on a merged model."""
+def sequence_positions(attention_mask: jax.Array) -> jax.Array:
+    """(B, L) index of each token among its row's real tokens (0 at padding): a row's position inside
+    its own sequence whatever the padding side, the dropout position of an unpacked row."""
+    real = attention_mask > 0
+    return jnp.where(real, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def set_lora_dropout(model: nnx.Module, key: jax.Array, example_ids: jax.Array | None, positions: jax.Array | None = None) -> None:
+    """Draw dropout for this forward from `key` (typed or raw, default PRNG), each token's example
+    id (stable identifiers, e.g. global positions in the step's batch; (B,) for one example per row
+    or (B, L) per token) and `positions` (B, L), the token's index inside its own sequence
+    (`sequence_positions` for padded rows; packed rows bring their own): keys[l, b, t] =
+    fold_in(fold_in(fold_in(key, example), position), l). `example_ids=None` turns dropout off; do
+    so for inference. Traceable, so it can run inside jit / scan bodies on a merged model."""
     adapters = list(lora_adapters(model))
     if not adapters:
         raise ValueError("the model has no LoRA adapters; call apply_lora first")
     layers = adapters[0].dropout_keys[...].shape[0]
     if example_ids is None:
-        data = jnp.zeros((layers, 0, *adapters[0].dropout_keys[...].shape[2:]), jnp.uint32)
+        data = jnp.zeros((layers, 0, 0, *adapters[0].dropout_keys[...].shape[3:]), jnp.uint32)
     else:
         ids = jnp.asarray(example_ids)
-        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"example_ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+        if positions is None or jnp.ndim(positions) != 2:
+            raise ValueError("set_lora_dropout needs positions (B, L) with the example ids: see sequence_positions")
+        if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2) or ids.shape[0] != positions.shape[0]:
+            raise ValueError(f"example_ids must be integers shaped (B,) or (B, L), got shape {ids.shape} dtype {ids.dtype}")
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)
-        per_example = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-        per_layer = jax.vmap(lambda l: jax.vmap(lambda k: jax.random.fold_in(k, l))(per_example))(jnp.arange(layers))
-        data = jax.random.key_data(per_layer)
+        ids = jnp.broadcast_to(ids if ids.ndim == 2 else ids[:, None], positions.shape)
+        fold = jax.vmap(jax.random.fold_in)
+        per_token = fold(fold(jnp.broadcast_to(key, ids.size), ids.reshape(-1)), jnp.asarray(positions).reshape(-1))
+        per_layer = jax.vmap(lambda l: fold(per_token, jnp.full(ids.size, l)))(jnp.arange(layers))
+        data = jax.random.key_data(per_layer).reshape(layers, *ids.shape, -1)
     for adapter in adapters:
         adapter.dropout_keys.set_value(data)
 

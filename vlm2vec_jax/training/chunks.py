@@ -5,12 +5,10 @@ layout and slicing it moves no data between devices (contiguous chunks would add
 import jax
 import jax.numpy as jnp
 
-from vlm2vec_jax.batch import ModelInputs
+from vlm2vec_jax.batch import MERGE_UNITS, ModelInputs
 
 # The row axis of each ModelInputs array (position_ids carries its 3 M-RoPE axes first).
 ROW_AXIS = {"position_ids": 1}
-# Patches per merged image token (Qwen2-VL merges 2x2 patches).
-MERGE_UNITS = 4
 
 
 def row_axis(key: str) -> int:

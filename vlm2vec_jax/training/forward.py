@@ -6,22 +6,28 @@ import jax
 from flax import nnx
 
 from vlm2vec_jax.batch import ModelInputs
-from vlm2vec_jax.models.lora import set_lora_dropout
+from vlm2vec_jax.models.lora import sequence_positions, set_lora_dropout
 from vlm2vec_jax.training.chunks import absolute_image_index
 from vlm2vec_jax.training.gradcache import EmbedFn
 
 
 def make_embed_factory(graphdef: nnx.GraphDef, *, dropout: bool):
     """`make_embed(frozen, step_key) -> embed(params, inputs, example_ids)`. With `dropout`, LoRA
-    dropout masks are keyed by (step key, example id), so GradCache's second pass and any sharding
-    replay the first pass's masks exactly."""
+    dropout masks are keyed by (step key, example id, position in its sequence), so GradCache's
+    second pass, packing and any sharding replay the first pass's masks exactly. Padded inputs
+    (one sequence per row, `example_ids` (B,)) carry image indices relative to their own vision
+    row; packed chunks (`pool_index` present, per-token `example_ids` and `token_position`) come
+    with chunk-absolute indices from the host."""
 
     def make_embed(frozen: Any, key: jax.Array) -> EmbedFn:
         def embed(params: Any, inputs: ModelInputs, example_ids: jax.Array) -> jax.Array:
             model = nnx.merge(graphdef, params, frozen, copy=True)  # fresh Variables: mutable in this trace
             if dropout:
-                set_lora_dropout(model, key, example_ids)
-            return model(absolute_image_index(inputs))
+                positions = inputs.get("token_position")
+                if positions is None:
+                    positions = sequence_positions(inputs["attention_mask"])
+                set_lora_dropout(model, key, example_ids, positions)
+            return model(inputs if "pool_index" in inputs else absolute_image_index(inputs))
 
         return embed
 

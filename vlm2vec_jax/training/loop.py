@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from vlm2vec_jax.cli_config import dump_config
 from vlm2vec_jax.data.bad_data import BadDataReport
+from vlm2vec_jax.data.packing import PackBudget, pack_record
 from vlm2vec_jax.data.pipeline import TrainBatchSource, make_train_iterator
 from vlm2vec_jax.data.registry import eval_datasets
 from vlm2vec_jax.embedder import Embedder
@@ -42,9 +43,9 @@ from vlm2vec_jax.training.forward import make_embed_factory
 from vlm2vec_jax.training.metrics_log import MetricsLog
 from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir
 from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from vlm2vec_jax.training.sharding import batch_sharding, make_mesh
+from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
-from vlm2vec_jax.training.step import MASKS, SIDES, StepOptions, TrainState, make_train_step
+from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, StepOptions, TrainState, make_train_step, num_chunks
 from vlm2vec_jax.training.throughput import matmul_flops, peak_flops
 
 log = logging.getLogger(__name__)
@@ -146,13 +147,37 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
+def packing_budget(config: ml_collections.ConfigDict, source: TrainBatchSource, mesh: jax.sharding.Mesh) -> PackBudget:
+    """The packed chunk shapes of a run: `train.pack_*` keys where set, else `PackBudget.covering`
+    the padded layout of one device shard (configs/common.py)."""
+    c, shards = config.train, batch_size_of(mesh)
+    queries, targets = c.batch_size // shards, c.batch_size * (1 + c.hard_negatives) // shards
+    default = PackBudget.covering(
+        queries=queries, targets=targets, query_len=source.max_len, target_len=source.target_max_len,
+        patches_per_row=source.patches_per_row, query_images=source.query_vision_rows > 0,
+        target_images=source.target_vision_rows > 0, gc_chunks=num_chunks(queries, c.gc_chunk_size),
+    )
+    if c.gc_chunk_size == 0 and c.pack_chunks > 1:
+        raise ValueError("train.pack_chunks > 1 needs GradCache (train.gc_chunk_size > 0): without it a step is one chunk")
+    vision_rows = c.pack_vision_rows or default.vision_rows
+    return dataclasses.replace(
+        default,
+        text_rows=c.pack_text_rows or default.text_rows,
+        vision_rows=vision_rows if default.vision_rows else 0,
+        chunks=c.pack_chunks or default.chunks,
+    )
+
+
 def device_batch(record: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """This host's slice of a global batch -> global arrays sharded over the batch axes."""
-    arrays = {**{side: record[side] for side in SIDES}, **{m: record[m] for m in MASKS}}
+    """This host's slice of a global batch -> global arrays sharded over the batch axes (a packed
+    record's arrays by their leading device-shard axis)."""
+    inputs = (PACKED,) if PACKED in record else SIDES
+    arrays = {**{k: record[k] for k in inputs}, **{m: record[m] for m in MASKS}}
 
     def put(path: tuple, x: np.ndarray) -> jax.Array:
-        key = leaf_names(path)[-1]
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, key, x.ndim), x)
+        names = leaf_names(path)
+        sharding = batch_sharding(mesh, "" if names[0] == PACKED else names[-1], x.ndim)
+        return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(put, arrays)
 
@@ -227,7 +252,19 @@ class Trainer:
             rope_rule=c.model.position_rule, bad_data=c.data.bad_data,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )
+        self.packing = packing_budget(c, source, self.mesh) if c.train.packing else None
         return make_train_iterator(source, self.start_step, c.data.num_workers, c.data.prefetch)
+
+    def _pack(self, record: dict[str, Any]) -> dict[str, Any]:
+        """This host's record laid out in packed chunks per local device shard (`train.packing`)."""
+        if self.packing is None:
+            return record
+        c, host = self.config, jax.process_index()
+        queries = record["valid"].shape[0]
+        return pack_record(
+            record, self.packing, shards=batch_size_of(self.mesh) // jax.process_count(), first_query=host * queries,
+            first_target=host * record["target_valid"].shape[0], global_queries=c.train.batch_size,
+        )
 
     def _compile(self, batch: dict[str, Any]) -> tuple[jax.stages.Compiled, float]:
         """The compiled step and its model FLOPs (matmuls over the global batch)."""
@@ -252,7 +289,7 @@ class Trainer:
             for step in range(self.start_step, c.train.steps):
                 record = next(records)
                 self.report = self.report.merge(record.pop("bad_data"))
-                batch = device_batch(record, self.mesh)
+                batch = device_batch(self._pack(record), self.mesh)
                 if step_fn is None:
                     step_fn, flops = self._compile(batch)
                     tick = time.perf_counter()

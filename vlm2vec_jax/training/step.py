@@ -24,12 +24,14 @@ from vlm2vec_jax.batch import ModelInputs
 from vlm2vec_jax.training.chunks import relative_image_index, row_axis
 from vlm2vec_jax.training.gradcache import EmbedFn, contrastive_grads
 from vlm2vec_jax.training.loss import infonce
+from vlm2vec_jax.training.packed_gradcache import packed_contrastive_grads
 from vlm2vec_jax.training.sharding import BATCH_AXES, batch_size_of, uses_shard_map, zero2_spec
 
 Params = Any
 # make_embed(frozen, step_key) -> embed(params, inputs, example_ids): the model's forward for the step.
 EmbedFactory = Callable[[Params, jax.Array], EmbedFn]
 SIDES = ("query", "target")
+PACKED = "packed"  # a packed batch's inputs (data/packing.py) replace its two sides
 MASKS = ("valid", "target_valid", "target_key")  # per-row arrays besides the model inputs
 
 
@@ -60,17 +62,18 @@ def num_chunks(local_rows: int, chunk_size: int) -> int:
 
 
 def batch_specs(batch: dict[str, Any]) -> dict[str, Any]:
-    """PartitionSpecs of a device batch (rows over the batch axes)."""
+    """PartitionSpecs of a device batch (rows over the batch axes; packed arrays by device shard)."""
 
-    def spec(key: str, x: Any) -> P:
+    def spec(axis: int, x: Any) -> P:
         parts: list[Any] = [None] * x.ndim
-        parts[row_axis(key)] = BATCH_AXES
+        parts[axis] = BATCH_AXES
         return P(*parts)
 
-    return {
-        **{side: {k: spec(k, v) for k, v in batch[side].items()} for side in SIDES},
-        **{m: P(BATCH_AXES) for m in MASKS},
-    }
+    if PACKED in batch:
+        inputs = {PACKED: {k: spec(0, v) for k, v in batch[PACKED].items()}}
+    else:
+        inputs = {side: {k: spec(row_axis(k), v) for k, v in batch[side].items()} for side in SIDES}
+    return {**inputs, **{m: P(BATCH_AXES) for m in MASKS}}
 
 
 def make_train_step(
@@ -88,8 +91,10 @@ def make_train_step(
     ShapeDtypeStructs of the global batch) fixes the shapes and the chunking."""
     per_device = batch_size_of(mesh)
     global_queries = batch_example["valid"].shape[0]
+    global_targets = batch_example["target_valid"].shape[0]
     local_queries = global_queries // per_device
     chunks = num_chunks(local_queries, options.chunk_size)
+    packed = PACKED in batch_example
     sharded = uses_shard_map(mesh)
     axes = BATCH_AXES if sharded else None
     specs = batch_specs(batch_example)
@@ -97,12 +102,6 @@ def make_train_step(
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
 
     def gradients(params: Params, frozen: Params, batch: dict[str, Any], key: jax.Array):
-        query, target = (relative_image_index(batch[s]) for s in SIDES)
-        q_rows, t_rows = batch["valid"].shape[0], batch["target_valid"].shape[0]
-        first = jax.lax.axis_index(axes) if sharded else 0
-        # Example ids are global positions: the dropout of an example never depends on the layout.
-        query_ids = first * q_rows + jnp.arange(q_rows)
-        target_ids = global_queries + first * t_rows + jnp.arange(t_rows)
         gather = (lambda x: jax.lax.all_gather(x, axes, tiled=True)) if sharded else (lambda x: x)
         query_valid, target_valid = gather(batch["valid"]), gather(batch["target_valid"])
         target_keys = gather(batch["target_key"]) if options.mask_duplicate_targets else None
@@ -112,9 +111,21 @@ def make_train_step(
 
         if sharded:  # local gradients need varying parameters, or shard_map adds a psum per use
             params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
-        loss, metrics, grads = contrastive_grads(
-            make_embed(frozen, key), loss_fn, params, query, target, query_ids, target_ids, num_chunks=chunks, axes=axes
-        )
+        if packed:
+            loss, metrics, grads = packed_contrastive_grads(
+                make_embed(frozen, key), loss_fn, params, batch[PACKED], num_queries=global_queries,
+                num_examples=global_queries + global_targets, caching=chunks > 0, axes=axes,
+            )
+        else:
+            query, target = (relative_image_index(batch[s]) for s in SIDES)
+            q_rows, t_rows = batch["valid"].shape[0], batch["target_valid"].shape[0]
+            first = jax.lax.axis_index(axes) if sharded else 0
+            # Example ids are global positions: the dropout of an example never depends on the layout.
+            query_ids = first * q_rows + jnp.arange(q_rows)
+            target_ids = global_queries + first * t_rows + jnp.arange(t_rows)
+            loss, metrics, grads = contrastive_grads(
+                make_embed(frozen, key), loss_fn, params, query, target, query_ids, target_ids, num_chunks=chunks, axes=axes
+            )
         if sharded:
             grads = jax.tree.map(_reduce_scatter, grads, grad_specs, is_leaf=lambda x: isinstance(x, P))
             # Every device computed the same global loss; pmean states it (invariant) at no real cost.
@@ -139,7 +150,7 @@ def make_train_step(
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(state.step),
-            "tokens": sum(jnp.sum(batch[s]["attention_mask"]) for s in SIDES),
+            "tokens": sum(jnp.sum(inputs["attention_mask"] > 0) for inputs in _inputs(batch)),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -151,6 +162,10 @@ def make_train_step(
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
+
+
+def _inputs(batch: dict[str, Any]) -> list[dict[str, jax.Array]]:
+    return [batch[PACKED]] if PACKED in batch else [batch[s] for s in SIDES]
 
 
 def _reduce_scatter(grad: jax.Array, spec: P) -> jax.Array:

@@ -41,8 +41,13 @@ class Qwen2VL(nnx.Module):
         return self.language_model(embeds, batch["attention_mask"], batch["position_ids"])
 
     def __call__(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """Unit-norm float32 embeddings (B, D): last real token of the final layer (the training path)."""
-        return l2_normalize(last_token_pool(self.hidden_states(batch), batch["attention_mask"]))
+        """Unit-norm float32 embeddings of the final layer (the training path): (B, D) from each
+        row's last real token, or, for packed rows, (S, D) from the tokens `pool_index` (S,) names
+        (flat indices into the B * L tokens: each sequence's last token)."""
+        hidden = self.hidden_states(batch)
+        if "pool_index" in batch:
+            return l2_normalize(jnp.take(hidden.reshape(-1, hidden.shape[-1]), batch["pool_index"], axis=0))
+        return l2_normalize(last_token_pool(hidden, batch["attention_mask"]))
 
     def embed(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
         """The same embeddings for inference, with the last layer computed for the pooled token only."""

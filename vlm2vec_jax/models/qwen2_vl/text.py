@@ -51,8 +51,20 @@ class DecoderLayer(nnx.Module):
         return x + self.down_proj(self.act(gate) * up)
 
 
+def segment_causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """(B, L) -> boolean (B, 1, L, L): token q sees token k iff k <= q, both lie in the same
+    segment and k is not padding (segment 0). A 0/1 attention mask is the one-segment case, so
+    padded rows and packed rows (several sequences, segments 1, 2, ...) share one code path; a
+    padding query sees nothing (a finite, unused row)."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same & (segment_ids > 0)[:, None, :])[:, None]
+
+
 class TextDecoder(nnx.Module):
-    """Embeddings (B, L, D) -> final hidden states (B, L, D), causal with a padding mask."""
+    """Embeddings (B, L, D) -> final hidden states (B, L, D), causal within each segment of the
+    `attention_mask` (0/1 padding mask, or segment ids of packed rows)."""
 
     def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(
@@ -71,10 +83,7 @@ class TextDecoder(nnx.Module):
         self.remat = remat
 
     def _mask_and_rope(self, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
-        length = attention_mask.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = (causal[None] & attention_mask.astype(bool)[:, None, :])[:, None]  # (B, 1, L, L)
-        return (mask, *mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section))
+        return (segment_causal_mask(attention_mask), *mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section))
 
     def __call__(self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> jnp.ndarray:
         x = scan_stack(self.layers, embeds, *self._mask_and_rope(attention_mask, position_ids), remat=self.remat)

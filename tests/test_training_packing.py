@@ -1,0 +1,160 @@
+"""Sequence packing: the host layout (data/packing.py) and the packed training step.
+
+The step on packed chunks must equal the padded step on the same batch (loss, metrics, every
+gradient leaf at relative 1e-6 in float32) with hard negatives, LoRA+DoRA dropout, a duplicate
+target and a bad row, with and without GradCache, on 1 and 8 devices
+(tests/scripts/packing_check.py in subprocesses). The same script injects one fault at a time
+(a row's segments merged, 1-D positions instead of M-RoPE, the pooled index off by one, dropout
+keyed by the row position) and each must move the gradients far beyond that tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train_fixtures import contrastive_batch
+from training_runs import PYTHON, REPO, environment, finish_all, start, tail
+from vlm2vec_jax.batch import MERGE_UNITS
+from vlm2vec_jax.data.packing import PackBudget, PackingError, pack_record
+from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint
+
+TOLERANCE = 1e-6
+ONE_DEVICE_CHUNKS = (0, 4)
+EIGHT_DEVICE_CHUNKS = (0, 1)
+QUERIES, HARD_NEGATIVES, LENGTH = 8, 1, 48
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", max_pixels=56 * 56 * 4)
+    record = contrastive_batch(checkpoint, QUERIES, HARD_NEGATIVES, length=LENGTH)
+    record["rows"] = np.arange(100, 100 + QUERIES)
+    return record
+
+
+def budget(shards: int, gc_chunks: int, **changes) -> PackBudget:
+    default = PackBudget.covering(
+        queries=QUERIES // shards, targets=QUERIES * (1 + HARD_NEGATIVES) // shards, query_len=LENGTH, target_len=LENGTH,
+        patches_per_row=32, query_images=True, target_images=True, gc_chunks=gc_chunks,
+    )
+    return PackBudget(**{**default.__dict__, **changes})
+
+
+def sequences(record: dict) -> dict[int, dict]:
+    """Each real padded sequence by global example id: tokens, positions, image patches per token."""
+    out = {}
+    for side, offset in (("query", 0), ("target", QUERIES)):
+        inputs = record[side]
+        merged = inputs["pixel_values"].reshape(-1, MERGE_UNITS, inputs["pixel_values"].shape[-1])
+        for row in range(inputs["input_ids"].shape[0]):
+            tokens = np.flatnonzero(inputs["attention_mask"][row])
+            index = inputs["image_token_index"][row, tokens]
+            out[offset + row] = {
+                "ids": inputs["input_ids"][row, tokens],
+                "positions": inputs["position_ids"][:, row, tokens],
+                "pixels": merged[index[index >= 0]],
+            }
+    return out
+
+
+def unpacked(record: dict, budget: PackBudget) -> dict[int, dict]:
+    """The sequences read back from the packed layout, through its segment ids and indices."""
+    p = record["packed"]
+    out = {}
+    for shard in range(p["input_ids"].shape[0]):
+        for c in range(p["num_chunks"][shard]):
+            merged = p["pixel_values"][shard, c].reshape(-1, MERGE_UNITS, p["pixel_values"].shape[-1])
+            flat = {k: p[k][shard, c].reshape(-1) for k in ("input_ids", "attention_mask", "image_token_index", "token_example", "token_position")}
+            positions = p["position_ids"][shard, c].reshape(3, -1)
+            for slot, example in enumerate(p["slot_example"][shard, c]):
+                if example < 0:
+                    continue
+                last = p["pool_index"][shard, c, slot]
+                row_start = last - last % budget.text_len
+                segment = flat["attention_mask"][last]
+                tokens = row_start + np.flatnonzero(flat["attention_mask"][row_start : last + 1] == segment)
+                assert (flat["token_example"][tokens] == example).all()
+                np.testing.assert_array_equal(flat["token_position"][tokens], np.arange(len(tokens)))
+                index = flat["image_token_index"][tokens]
+                assert example not in out, f"example {example} packed twice"
+                out[int(example)] = {"ids": flat["input_ids"][tokens], "positions": positions[:, tokens], "pixels": merged[index[index >= 0]]}
+    return out
+
+
+@pytest.mark.parametrize("shards,gc_chunks", [(1, 0), (1, 2), (2, 2)])
+def test_packing_keeps_every_sequence_whole(batch: dict, shards: int, gc_chunks: int) -> None:
+    b = budget(shards, gc_chunks)
+    packed = pack_record(batch, b, shards=shards, first_query=0, first_target=0, global_queries=QUERIES)
+    assert "query" not in packed and packed["rows"] is batch["rows"]
+    expected, got = sequences(batch), unpacked(packed, b)
+    assert sorted(got) == sorted(expected)
+    for example, seq in expected.items():
+        for key in ("ids", "positions", "pixels"):
+            np.testing.assert_array_equal(got[example][key], seq[key], err_msg=f"example {example} {key}")
+    # Packing saves rows: the padded layout spends one text row per sequence.
+    used_rows = sum(int((packed["packed"]["attention_mask"][s, c] > 0).any(axis=-1).sum())
+                    for s in range(shards) for c in range(packed["packed"]["num_chunks"][s]))
+    assert used_rows < len(expected) / 2
+
+
+def test_examples_of_a_shard_stay_on_its_device(batch: dict) -> None:
+    packed = pack_record(batch, budget(2, 2), shards=2, first_query=0, first_target=0, global_queries=QUERIES)
+    per_q, per_t = QUERIES // 2, QUERIES * (1 + HARD_NEGATIVES) // 2
+    for shard in range(2):
+        ids = packed["packed"]["slot_example"][shard]
+        ids = ids[ids >= 0]
+        queries, targets = ids[ids < QUERIES], ids[ids >= QUERIES] - QUERIES
+        assert set(queries) == set(range(shard * per_q, (shard + 1) * per_q))
+        assert set(targets) == set(range(shard * per_t, (shard + 1) * per_t))
+
+
+def test_empty_slots_take_no_room(batch: dict) -> None:
+    record = {**batch, "target": {k: v.copy() for k, v in batch["target"].items()}}
+    record["target"]["attention_mask"][3] = 0
+    packed = pack_record(record, budget(1, 2), shards=1, first_query=0, first_target=0, global_queries=QUERIES)
+    assert QUERIES + 3 not in packed["packed"]["slot_example"]
+
+
+def test_a_sequence_over_the_row_budget_names_its_row_and_key(batch: dict) -> None:
+    with pytest.raises(PackingError, match=r"planned training row 10\d has \d+ tokens, over train.pack_text_len=8"):
+        pack_record(batch, budget(1, 2, text_len=8), shards=1, first_query=0, first_target=0, global_queries=QUERIES)
+
+
+def test_a_batch_over_capacity_names_the_key_to_raise(batch: dict) -> None:
+    with pytest.raises(PackingError, match="more than train.pack_chunks=1 packed chunks"):
+        pack_record(batch, budget(1, 2, text_rows=1, chunks=1), shards=1, first_query=0, first_target=0, global_queries=QUERIES)
+
+
+@pytest.fixture(scope="module")
+def step_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    logs = tmp_path_factory.mktemp("packing")
+    script = str(REPO / "tests/scripts/packing_check.py")
+    runs = {}
+    for devices, chunks in ((1, ONE_DEVICE_CHUNKS), (8, EIGHT_DEVICE_CHUNKS)):
+        log = logs / f"{devices}.log"
+        runs[devices] = (start([PYTHON, script, *map(str, chunks)], environment(None, devices), log), log)
+    codes = finish_all(list(runs.values()), timeout=1500)
+    results = {}
+    for (devices, (_, log)), code in zip(runs.items(), codes):
+        assert code == 0, f"packing_check.py on {devices} device(s) failed ({code}):\n{tail(log)}"
+        lines = [line for line in Path(log).read_text().replace("\r", "\n").splitlines() if line.startswith("{")]
+        results[devices] = json.loads(lines[-1])
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,chunks", [(1, ONE_DEVICE_CHUNKS), (8, EIGHT_DEVICE_CHUNKS)])
+def test_packed_step_equals_the_padded_step(step_results: dict, devices: int, chunks: tuple) -> None:
+    result = step_results[devices]
+    assert result["devices"] == devices and set(result["chunks"]) == {str(c) for c in chunks}
+    for chunk, r in result["chunks"].items():
+        assert r["gradient"] < TOLERANCE, f"{devices} device(s), gc chunk {chunk}: gradient error {r['gradient']}"
+        for name, error in r["metrics"].items():
+            assert error < TOLERANCE, f"{devices} device(s), gc chunk {chunk}: {name} differs by {error}"
+        assert max(r["num_chunks"]) <= r["capacity"]
+    for fault, error in result["faults"].items():
+        assert error > 1e-3, f"injected fault {fault!r} went unseen (gradient error {error})"
