@@ -1,5 +1,7 @@
 """The synthetic benchmark (`vlm2vec_jax.data.synthetic`) at scale "small": the on-disk contract,
-determinism, the OOD hold-out, ground truth and hard negatives, reuse and refusal.
+determinism, the OOD hold-out, ground truth and hard negatives, reuse and refusal; and at scale
+"mmeb_shape" (a tenth of its rows on disk, its full plan in memory): MMEB-train's shapes, read by the
+trainer's readers.
 
 Semantic checks re-derive answers from the plan's scene specs with code of their own (caption
 parsing, VQA answering, applying edits) and check the pixels of the written images, so they test
@@ -14,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,10 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from tokenizers import Tokenizer
 
-from vlm2vec_jax.data import synthetic
+from vlm2vec_jax.data import synthetic, synthetic_shapes
 from vlm2vec_jax.data.mmeb_eval import read_mmeb_eval
-from vlm2vec_jax.data.mmeb_train import read_mmeb_train
+from vlm2vec_jax.data.mmeb_train import TrainSet, read_mmeb_train
 from vlm2vec_jax.data.synthetic import (
     COLOURS,
     EVAL_DATASETS,
@@ -43,6 +47,9 @@ from vlm2vec_jax.data.synthetic import (
     generate,
     held_out_labels,
 )
+from vlm2vec_jax.processing.image import smart_resize
+from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_tokenizer
+from vlm2vec_jax.training.data_setup import data_roots, load_train_set
 
 SEED = 0
 SMALL = SCALES["small"]
@@ -548,3 +555,252 @@ def test_foreign_directory_is_refused(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     with pytest.raises(ValueError, match="unknown scale"):
         generate(tmp_path / "new", scale="huge")
+
+
+# --- mmeb_shape: MMEB-train's shapes (image sizes, text-only targets, long queries) ---
+
+SHAPE = SCALES["mmeb_shape"]
+SHAPE_SMALL = "mmeb_shape_small"  # mmeb_shape's mix and subsets in a tenth of its rows, rendered serially
+SHAPED_SUBSETS = [*TRAIN_SUBSETS, *SHAPE.extra_subsets]
+TEXT_TARGETS = {"SynCls", "SynVQA", "SynCaption_i2t"}  # text-only targets (MMEB: 22 of 36 datasets)
+MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff"}
+SMALL_TEXTS_SHA256 = "d921199b16c37746"  # every text of build_plan(0, "small"), as generator version 1 writes it
+
+
+@pytest.fixture(scope="module")
+def shape_small_scale() -> Iterable[str]:
+    with pytest.MonkeyPatch.context() as mp:
+        rows = tuple((name, n // 10) for name, n in SHAPE.subset_rows)
+        small = replace(SHAPE, train_rows=SHAPE.train_rows // 10, subset_rows=rows, eval_rows=8, workers=1)
+        mp.setitem(SCALES, SHAPE_SMALL, replace(small, retrieval=8, vqa=8, grounding=6, hard=3))
+        yield SHAPE_SMALL
+
+
+@pytest.fixture(scope="module")
+def shaped(shape_small_scale: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainSet]:
+    """Generated and read as the trainer does (`data_roots`, then `load_train_set` with hard negatives)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+    from common import base  # the configs' shared defaults, as the CLIs load them
+
+    config = base()
+    config.data.synthetic = shape_small_scale
+    config.data.synthetic_dir = str(tmp_path_factory.mktemp("shaped"))
+    config.data.bad_data = "error"
+    config.train.hard_negatives = 1
+    start = time.perf_counter()
+    root, _ = data_roots(config)
+    print(f"\n{shape_small_scale}: generated in {time.perf_counter() - start:.2f} s")
+    return root.parent, load_train_set(config, root)
+
+
+@pytest.fixture(scope="module")
+def shape_plan() -> Plan:
+    """The full scale's plan: its sizes and texts, without rendering."""
+    return build_plan(SEED, "mmeb_shape")
+
+
+def image_sizes(root: Path) -> dict[str, tuple[int, int]]:
+    sizes = {}
+    for path in sorted((root / "images").rglob("*.*")):
+        with Image.open(path) as img:
+            assert img.mode == "RGB" and not img.info.get("dpi") and "exif" not in img.info
+            assert img.format == {".png": "PNG", ".jpg": "JPEG"}[path.suffix]
+            sizes[str(path.relative_to(root))] = img.size
+    return sizes
+
+
+def pictures_of(datasets: Iterable[list[Row]]) -> list[synthetic.Picture]:
+    """The distinct pictures of some datasets' rows, in first-use order."""
+    return list(dict.fromkeys(s.picture for rows in datasets for row in rows for s in sides(row) if s.picture))
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Merged Qwen2-VL tokens after smart_resize at the processor's default cap (1280)."""
+    h, w = smart_resize(height, width)
+    return h * w // 28**2
+
+
+def test_mmeb_shape_loads_through_the_trainers_readers(shaped: tuple[Path, TrainSet]) -> None:
+    out, train = shaped
+    scale = SCALES[SHAPE_SMALL]
+    rows = {name: dict(scale.subset_rows).get(name, scale.train_rows) for name in SHAPED_SUBSETS}
+    assert train.names == tuple(sorted(SHAPED_SUBSETS))
+    assert {name: len(train.subset_range(name)) for name in train.names} == rows
+    for pair in train:
+        [negative] = pair.negatives  # the hard negative, in MMEB's neg_text / neg_image_path columns
+        assert negative != pair.positive and (negative.image is None) == (pair.positive.image is None)
+        for side in (pair.query, pair.positive, negative):
+            assert (side.image is None) == ("<|image_pad|>" not in side.text)
+            assert side.image is None or Path(side.image).read_bytes()[:8].startswith(MAGIC[Path(side.image).suffix])
+    evals = read_mmeb_eval(out / "eval", image_root=out / "eval")
+    assert set(evals) == {*EVAL_DATASETS, *SHAPE.extra_subsets}
+    assert all(len(queries) == scale.eval_rows for queries in evals.values())
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert list(manifest["train"]) == SHAPED_SUBSETS and manifest["scale"] == SHAPE_SMALL
+    # Every written image is referenced; large ones are JPEG, thumbnails and most crops PNG.
+    for part in ("train", "eval"):
+        sizes = image_sizes(out / part)
+        referenced = {p for name in manifest[part] for p in referenced_images(out, part, name)}
+        assert set(sizes) == referenced
+        for path, (w, h) in sizes.items():
+            assert path.endswith(".jpg" if w * h >= SHAPE.shapes.jpeg_min_pixels else ".png"), (path, w, h)
+
+
+def referenced_images(out: Path, part: str, name: str) -> set[str]:
+    if part == "train":
+        return {r[c] for r in train_file(out, name) for c in TRAIN_COLUMNS[1::2]} - {""}
+    rows = eval_file(out, name)
+    return ({r["qry_img_path"] for r in rows} | {p for r in rows for p in r["tgt_img_path"]}) - {""}
+
+
+def test_mmeb_shape_images_vary_in_size_and_aspect(shaped: tuple[Path, TrainSet], shape_plan: Plan) -> None:
+    cap = SHAPE.shapes.max_pixels
+    # On disk: many sizes, tall pages and wide ones, documents near the cap, thumbnails.
+    sizes = list(image_sizes(shaped[0] / "train").values())
+    assert len(set(sizes)) > 0.5 * len(sizes) > 100
+    assert all(w * h <= cap for w, h in sizes)
+    assert sum(h >= 1.8 * w for w, h in sizes) >= 3 and sum(w >= 1.8 * h for w, h in sizes) >= 3
+    assert sum(w * h >= 0.6 * cap for w, h in sizes) >= 10 and sum(w * h < 0.05 * cap for w, h in sizes) >= 10
+    # The full scale's distribution, in image tokens: most medium, a few small, a tail of documents.
+    pictures = pictures_of(shape_plan.train.values())
+    tokens = np.array([image_tokens(*p.size) for p in pictures])
+    shares = {kind: np.mean([p.canvas.kind == kind for p in pictures]) for kind in ("small", "photo", "document")}
+    print(f"\nmmeb_shape: {len(tokens)} train images, image tokens p5/25/50/75/95/max "
+          f"{np.percentile(tokens, [5, 25, 50, 75, 95, 100]).round().astype(int).tolist()}, "
+          f"kinds {({k: round(float(v), 3) for k, v in shares.items()})}")  # fmt: skip
+    assert 80 <= np.median(tokens) <= 160 and tokens.max() <= 340 and tokens.min() >= 4
+    assert 0.05 <= shares["document"] <= 0.2 and 0.05 <= shares["small"] <= 0.2 and shares["photo"] > 0.6
+    # Documents (and with them the largest images) are mostly VQA's queries, as DocVQA's and InfographicsVQA's.
+    docs = {name: sum(row.query.picture is not None and row.query.picture.canvas.kind == "document" for row in rows)
+            for name, rows in shape_plan.train.items()}  # fmt: skip
+    assert docs["SynVQA"] > 0.5 * sum(docs.values()) and docs["SynGround"] == 0
+
+
+def test_mmeb_shape_text_only_targets(shaped: tuple[Path, TrainSet], shape_plan: Plan) -> None:
+    _, train = shaped
+    for name in train.names:
+        rows = train.subset_range(name)
+        text_only = {pair.positive.image is None for pair in train[rows.start : rows.stop]}
+        assert text_only == {name in TEXT_TARGETS}, name
+    rows = {name: len(rows) for name, rows in shape_plan.train.items()}
+    share = sum(rows[name] for name in TEXT_TARGETS) / sum(rows.values())
+    print(f"\nmmeb_shape: {sum(rows.values())} train rows, {share:.0%} with text-only targets")
+    assert 0.55 <= share <= 0.65  # MMEB-train: 13 of 20 subsets
+
+
+def test_mmeb_shape_has_long_text_only_queries(shape_plan: Plan, tmp_path: Path) -> None:
+    """Dialogues of a few to a few dozen rounds among short captions: counted with the tests' tiny
+    BPE (about 1.8 characters a token) and in characters (Qwen2's tokenizer: about 4 a token)."""
+    tokenizer = Tokenizer.from_file(str(build_tiny_tokenizer(tmp_path) / "tokenizer.json"))
+    texts = [row.query.text() for rows in shape_plan.train.values() for row in rows if row.query.picture is None]
+    tokens = np.array([len(e.ids) for e in tokenizer.encode_batch(texts)])
+    chars = np.array([len(t) for t in texts])
+    print(f"\nmmeb_shape: {len(texts)} text-only queries, characters p5/50/90/99/max "
+          f"{np.percentile(chars, [5, 50, 90, 99, 100]).astype(int).tolist()}, tiny-BPE tokens "
+          f"{np.percentile(tokens, [5, 50, 90, 99, 100]).astype(int).tolist()}")  # fmt: skip
+    assert np.median(chars) < 300 and np.mean(chars >= 1000) >= 0.05 and np.mean(tokens >= 500) >= 0.05
+    dialogues = [len(row.query.body) for row in shape_plan.train["SynDialog"]]
+    assert min(dialogues) < 150 and max(dialogues) > 1500
+
+
+def dialogue_fits(dialogue: str, facts: Iterable[tuple[str, str, int]]) -> bool:
+    """Whether every answer of a SynDialog dialogue is true of a scene with these objects (an
+    independent reading of its rounds); the rounds must state every object."""
+    by_cell = {cell: (c, s) for c, s, cell in facts}
+    stated, last_cell = set(), None
+    for q, a in re.findall(r"Q: (.+?\?) A: (.+?\.)(?= Q: |$)", dialogue):
+        ok = True
+        if m := re.fullmatch(r"how many shapes are there\?", q):
+            ok = a == f"{NUMBERS[len(by_cell)]}."
+        elif m := re.fullmatch(r"what is at the (.+)\?", q):
+            cell = POSITIONS.index(m[1])
+            ok = cell in by_cell and re.fullmatch(rf"an? {' '.join(by_cell[cell])}\.", a) is not None
+            stated.add(cell)
+        elif m := re.fullmatch(r"where is the (\w+) (\w+)\?", q):
+            cell = POSITIONS.index(re.fullmatch(r"at the (.+)\.", a)[1])
+            ok = by_cell.get(cell) == (m[1], m[2])
+            stated.add(cell)
+        elif m := re.fullmatch(r"is there anything at the (.+)\?", q):
+            last_cell = POSITIONS.index(m[1])
+            ok = a == "no, it is empty." if last_cell not in by_cell else a == f"yes, a {by_cell[last_cell][1]}."
+        elif q == "what colour is it?":
+            ok = last_cell in by_cell and by_cell[last_cell][0] == a[:-1]
+            stated.add(last_cell)
+        elif m := re.fullmatch(r"is there an? (\w+) (\w+)\?", q):
+            ok = a == "no." and (m[1], m[2]) not in by_cell.values()
+        elif m := re.fullmatch(r"how many (\w+) shapes are there\?", q):
+            ok = a == f"{NUMBERS[sum(c == m[1] for c, _ in by_cell.values())]}."
+        elif m := re.fullmatch(r"how many (\w+) are there\?", q):
+            shape = next(s for s, plural in PLURALS.items() if plural == m[1])
+            ok = a == f"{NUMBERS[sum(s == shape for _, s in by_cell.values())]}."
+        if not ok:
+            return False
+    return stated == set(by_cell)
+
+
+def test_mmeb_shape_dialogues_identify_their_image(shape_plan: Plan) -> None:
+    for row in shape_plan.train["SynDialog"]:
+        positive, negative = row.targets
+        assert dialogue_fits(row.query.body, positive.facts) and not dialogue_fits(row.query.body, negative.facts)
+        assert one_edit_apart(positive.facts, negative.facts)
+    for row in shape_plan.eval["SynDialog"]:
+        fits = [dialogue_fits(row.query.body, t.facts) for t in row.targets]
+        assert fits == [True] + [False] * (len(row.targets) - 1)
+    # No train text, dialogues' small talk included, names a held-out pair.
+    held = set(shape_plan.held_out)
+    pattern = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b", re.IGNORECASE)
+    for rows in shape_plan.train.values():
+        for side in (side for row in rows for side in sides(row)):
+            named = {(c.lower(), s) for c, s in pattern.findall(side.text())}
+            assert not labels_of(side) & held and not named & held, side.text()
+
+
+def test_mmeb_shape_canvases_show_the_scene(shape_plan: Plan) -> None:
+    """Scaled onto a photo, thumbnail or page, every object's centre keeps its colour, a grounding
+    crop holds its object's centre, and a page's text stays out of the figure."""
+    by_kind: dict[tuple[str, bool], list] = {}
+    for picture in pictures_of(shape_plan.train.values()):
+        by_kind.setdefault((picture.canvas.kind, picture.box is not None), []).append(picture)
+    assert set(by_kind) == {(kind, crop) for kind in ("small", "photo", "document") for crop in (False, True)} - {
+        ("document", True)  # grounding (MMEB's MSCOCO) crops photos only
+    }
+    for group in by_kind.values():
+        for picture in group[:8]:
+            img = np.asarray(synthetic.render(picture))
+            canvas, scene = picture.canvas, picture.scene
+            assert img.shape[1::-1] == picture.size
+            left, top, side = canvas.scene_box
+            k = side / 84
+            origin = synthetic_shapes.scaled_box(canvas, picture.box, 84)[:2] if picture.box else (0, 0)
+            inside = 0
+            for o in scene.objs:
+                cx = left + k * ((o.cell % 3) * 28 + 14 + o.dx) - origin[0]
+                cy = top + k * ((o.cell // 3) * 28 + 14 + o.dy) - origin[1]
+                if 0 <= cx < img.shape[1] and 0 <= cy < img.shape[0]:
+                    assert tuple(img[int(cy), int(cx)]) == COLOURS[o.colour], (picture, o)
+                    inside += 1
+            assert inside >= 1 if picture.box else inside == len(scene.objs)
+            if not picture.box:
+                figure = img[top : top + side, left : left + side].reshape(-1, 3).astype(np.int64) @ [65536, 256, 1]
+                allowed = {BACKGROUND, (20, 20, 20), *(COLOURS[o.colour] for o in scene.objs)}
+                assert set(np.unique(figure).tolist()) <= {r * 65536 + g * 256 + b for r, g, b in allowed}
+
+
+def test_mmeb_shape_is_deterministic(shaped: tuple[Path, TrainSet], shape_small_scale: str, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    generate(again, seed=SEED, scale=shape_small_scale)
+    assert tree_digest(again) == tree_digest(shaped[0])
+    plans = [build_plan(seed, shape_small_scale) for seed in (SEED, SEED + 1)]
+    sizes = [[p.size for p in pictures_of(plan.train.values())] for plan in plans]
+    assert sizes[0] != sizes[1]
+
+
+def test_the_other_scales_keep_their_scenes() -> None:
+    """mmeb_shape's fields are off in the other scales (84x84 scenes, six subsets, equal rows), and
+    the small scale's texts are pinned (change them only with GENERATOR_VERSION)."""
+    for name in ("small", "default", "demo"):
+        assert (SCALES[name].shapes, SCALES[name].extra_subsets, SCALES[name].subset_rows) == (None, (), ())
+    plan = build_plan(SEED, "small")
+    texts = [side.text() for rows in (*plan.train.values(), *plan.eval.values()) for row in rows for side in sides(row)]
+    assert all(p.canvas is None for p in pictures_of((*plan.train.values(), *plan.eval.values())))
+    assert hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16] == SMALL_TEXTS_SHA256

@@ -1,6 +1,7 @@
 """The same training run on 8 simulated devices gives what it gives on one: per-step losses and final
 parameters, for pure data parallelism with GradCache (shard_map, ZeRO-2 reduce-scatter) and for a
-mesh that shards the parameters too (data 2 x fsdp 2 x tensor 2, XLA's partitioner). The 8-device
+mesh that shards the parameters too (data 2 x fsdp 2 x tensor 2, XLA's partitioner), and with packed
+sequences (train.packing) on one device and on that mesh. The 8-device
 checkpoints are restored onto one device (orbax reshards), which is itself part of the check."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ LOSS_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    names = ("baseline_1dev", "dp8_gc1", "fsdp2_tp2")
+    names = ("baseline_1dev", "dp8_gc1", "fsdp2_tp2", "packed_gc1", "packed_fsdp2_tp2")
     return dict(zip(names, shared_runs(tmp_path_factory, *names)))
 
 
@@ -41,7 +42,7 @@ def _saved_layout(workdir) -> dict[str, list]:
     return {base64.b64decode(k).decode().removesuffix(".value"): json.loads(v)["partition_spec"] for k, v in record.items()}
 
 
-@pytest.mark.parametrize("name", ["dp8_gc1", "fsdp2_tp2"])
+@pytest.mark.parametrize("name", ["dp8_gc1", "fsdp2_tp2", "packed_gc1", "packed_fsdp2_tp2"])
 def test_eight_devices_match_one_device(runs, baseline_state, name: str) -> None:
     workdir = runs[name]
     config = run_config(workdir)

@@ -280,6 +280,10 @@ SHARED_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
     "dp8_gc1": (8, {"train__gc_chunk_size": 1}),
     # Parameters sharded too: mesh (data, fsdp, tensor) = (2, 2, 2), XLA's partitioner path.
     "fsdp2_tp2": (8, {"mesh__data": 2, "mesh__fsdp": 2, "mesh__tensor": 2}),
+    # Packed sequences: GradCache over packed chunks (a dynamic chunk count) on one device, and on
+    # the sharded-parameter mesh, where every shard's chunk c runs as one.
+    "packed_gc1": (1, {"train__packing": True, "train__gc_chunk_size": 1}),
+    "packed_fsdp2_tp2": (8, {"train__packing": True, "train__gc_chunk_size": 1, "mesh__data": 2, "mesh__fsdp": 2, "mesh__tensor": 2}),
 }
 
 

@@ -299,7 +299,8 @@ class Trainer:
                 metrics.update(
                     examples_per_s=c.train.batch_size / elapsed,
                     tokens_per_s=metrics.pop("tokens") / elapsed,
-                    mfu=flops / elapsed / peak if flops else 0.0,
+                    # A packed step's chunk loop runs a data-dependent count: its FLOPs are not static.
+                    mfu=flops / elapsed / peak if flops and self.packing is None else 0.0,
                     step_time_s=elapsed,
                 )
                 progress.update(1)

@@ -78,8 +78,9 @@ def packed_contrastive_grads(
         return jnp.where((slots >= 0)[:, None], cotangents[jnp.maximum(slots, 0)], 0.0)
 
     def embedding_grads(buffer: jax.Array) -> tuple[jax.Array, dict, jax.Array]:
-        if axes is not None:
-            buffer = jax.lax.psum(buffer, axes)
+        if axes is not None:  # varying again, as the loss's gathered masks are: an invariant input
+            # would be broadcast inside the loss, and its gradient summed over the devices (x devices)
+            buffer = jax.lax.pcast(jax.lax.psum(buffer, axes), axes, to="varying")
         (loss, metrics), (dq, dt) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             buffer[:num_queries], buffer[num_queries:]
         )
