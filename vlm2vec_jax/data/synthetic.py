@@ -1,6 +1,6 @@
 """A synthetic multimodal benchmark written in the MMEB-train and MMEB-eval layouts, from a seed.
 
-    python -m vlm2vec_jax.data.synthetic --out DIR [--seed N] [--scale small|default]
+    python -m vlm2vec_jax.data.synthetic --out DIR [--seed N] [--scale small|default|demo|mmeb_shape]
 
 It is the project's built-in data (demo, tests, notebook): rendered scenes of coloured shapes
 covering MMEB's four meta-tasks, small enough for a tiny model to learn on a CPU in minutes, and
@@ -34,9 +34,18 @@ appear in no train row (no image, text or negative) and in no IND eval row, whil
 every shape still trains with five partners. Each `*_OOD` eval dataset puts a held-out pair in every
 ground truth, so it measures composing a colour and a shape only ever seen apart.
 
+MMEB's shapes (`--scale mmeb_shape`). The same tasks with the length variation of real MMEB-train,
+for packing and throughput benchmarks: images of varied sizes and aspect ratios (`Scale.shapes`, see
+`synthetic_shapes`: mostly photos, a few thumbnails, a tail of tall and wide documents; large ones as
+JPEG), text-only targets in 60% of the train rows (the classification and VQA subsets get more rows,
+`Scale.subset_rows`, as in MMEB where 13 of 20 train subsets have them), and a VisDial-like subset,
+SynDialog (`Scale.extra_subsets`): a text-only dialogue of a few to a few dozen rounds -> the image,
+its hard negative an image one edit away. The other scales keep 84x84 scenes and their exact files.
+
 Splits and determinism. Queries are unique within a dataset and no IND eval query (text and image)
 occurs in train. One `random.Random` per (seed, part, dataset) drives the plan; images are pure
-functions of their specs, written as PNG with fixed settings and no metadata, named in plan order;
+functions of their specs, written as PNG (JPEG for large `mmeb_shape` images) with fixed settings
+and no metadata, named in plan order;
 nothing iterates over a hash-ordered set. The same seed and scale give byte-identical files.
 """
 
@@ -60,11 +69,24 @@ from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from vlm2vec_jax.data.synthetic_shapes import (
+    JPEG_QUALITY,
+    PAGE,
+    Canvas,
+    Shapes,
+    big_text_mask,
+    draw_canvas,
+    paint_page,
+    scaled_box,
+    text_size,
+)
 
 __all__ = [
     "EVAL_DATASETS",
+    "EXTRA_SUBSETS",
     "GENERATOR_VERSION",
     "OOD_DATASETS",
     "SCALES",
@@ -73,6 +95,7 @@ __all__ = [
     "Plan",
     "Row",
     "Scale",
+    "Shapes",
     "Side",
     "build_plan",
     "generate",
@@ -122,6 +145,7 @@ I2T_Q = "Find an image caption describing the given image."
 EDIT_Q = "Given an image, find a similar image with the described changes:"
 GROUND_LABEL_Q = "Select the portion of the image that isolates the object of the given label:"
 GROUND_EXPR_Q = "Select the portion of the image that follows the language expressions:"
+DIALOG_Q = "Represent the given dialogue about an image, which is used for image retrieval:"
 IMAGE_T = "Represent the given image."
 CROP_T = "Represent the given cropped image of the object."
 
@@ -162,6 +186,11 @@ DIVERSE_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "Crop the object described by the expression out of the image:",
         "Locate in the image the object described here:",
     ),
+    DIALOG_Q: (
+        "Find the image this dialogue is about:",
+        "Retrieve the picture discussed in the following conversation:",
+        "Represent this dialogue for finding the image it describes:",
+    ),
 }
 
 # --- Datasets and scales ---
@@ -184,11 +213,19 @@ EVAL_DATASETS: dict[str, tuple[str, str]] = {
 }
 """Eval dataset -> (meta-task, "IND" | "OOD")."""
 
+EXTRA_SUBSETS: dict[str, str] = {"SynDialog": "retrieval"}
+"""Train subsets (each also an IND eval dataset) that only scales naming them in `extra_subsets` write."""
+
+_META_TASKS = {**TRAIN_SUBSETS, **EXTRA_SUBSETS}
+_EVAL_INFO = {**EVAL_DATASETS, **{name: (meta, "IND") for name, meta in EXTRA_SUBSETS.items()}}
+
 
 @dataclass(frozen=True)
 class Scale:
     """Sizes of one generation. Classification ranks all labels of its dataset; other eval rows
-    rank `retrieval` / `vqa` / `grounding` candidates, of which up to `hard` are hard negatives."""
+    rank `retrieval` / `vqa` / `grounding` candidates, of which up to `hard` are hard negatives.
+    `shapes`: the image-size mix (None: 84x84 scenes); `extra_subsets`: names from EXTRA_SUBSETS;
+    `subset_rows`: (subset, train rows) where a subset gets other than `train_rows`."""
 
     train_rows: int  # per train subset
     eval_rows: int  # per eval dataset
@@ -197,6 +234,9 @@ class Scale:
     grounding: int  # at most the number of labels: grounding candidates show distinct objects
     hard: int
     workers: int  # rendering processes
+    shapes: Shapes | None = None
+    extra_subsets: tuple[str, ...] = ()
+    subset_rows: tuple[tuple[str, int], ...] = ()
 
     def candidates(self, meta_task: str) -> int:
         return {"retrieval": self.retrieval, "vqa": self.vqa, "grounding": self.grounding}[meta_task]
@@ -212,6 +252,12 @@ SCALES: dict[str, Scale] = {
     # retrieval an exact-match test of every object's colour, shape and cell: what B3 is measured on,
     # beyond what a 0.85M model learns in the demo's ten minutes (README, "The demo").
     "demo": Scale(train_rows=4000, eval_rows=200, retrieval=100, vqa=40, grounding=24, hard=0, workers=2),
+    # Packing benchmarks: MMEB-train's shapes (module docstring) in 5000 train rows, 60% with text-only
+    # targets; images up to 320 merged tokens (Shapes(max_pixels=28 * 28 * 1280) for MMEB's 1280).
+    "mmeb_shape": Scale(
+        train_rows=500, eval_rows=50, retrieval=20, vqa=20, grounding=10, hard=4, workers=2,
+        shapes=Shapes(), extra_subsets=("SynDialog",), subset_rows=(("SynCls", 1000), ("SynVQA", 1500)),
+    ),  # fmt: skip
 }
 
 # --- Scenes and sides ---
@@ -254,10 +300,20 @@ class Scene:
 
 @dataclass(frozen=True)
 class Picture:
-    """What one PNG shows: a scene, or a crop (left, top, right, bottom) of it."""
+    """What one image file shows: a scene, or a crop (left, top, right, bottom, in the 84x84
+    scene's coordinates) of it; on a `canvas` of another size (`mmeb_shape`) when one is given."""
 
     scene: Scene
     box: tuple[int, int, int, int] | None = None
+    canvas: Canvas | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image written."""
+        if self.box is not None:
+            box = self.box if self.canvas is None else scaled_box(self.canvas, self.box, IMAGE_SIZE)
+            return box[2] - box[0], box[3] - box[1]
+        return (IMAGE_SIZE, IMAGE_SIZE) if self.canvas is None else (self.canvas.width, self.canvas.height)
 
 
 @dataclass(frozen=True)
@@ -380,9 +436,11 @@ def _variants(scene: Scene, ok: frozenset[Label], rng: random.Random, limit: int
     return out
 
 
+ARTICLES = {c: "an" if c[0] in "aeiou" else "a" for c in COLOURS}
+
+
 def _caption(scene: Scene) -> str:
-    article = {c: "an" if c[0] in "aeiou" else "a" for c in COLOURS}
-    parts = [f"{article[o.colour]} {o.colour} {o.shape} at the {POSITIONS[o.cell]}" for o in scene.objs]
+    parts = [f"{ARTICLES[o.colour]} {o.colour} {o.shape} at the {POSITIONS[o.cell]}" for o in scene.objs]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
@@ -510,14 +568,69 @@ def _caption_scenes(rng: random.Random, rules: _Rules, size: int) -> list[Scene]
     return [base] + _variants(base, frozenset(rules.allowed), rng, size - 1)
 
 
-def _t2i_family(rng: random.Random, rules: _Rules, size: int) -> list[_Example]:
-    """Caption -> image; hard negatives are the images one edit away."""
-    out = []
-    for scene in _caption_scenes(rng, rules, size):
-        positive = _image_target(scene)
-        hard = tuple(map(_image_target, _variants(scene, rules.distractor_labels, rng, rules.hard)))
-        out.append(_Example(Side(T2I_Q, _caption(scene), facts=scene.facts), positive, hard, (positive,)))
-    return out
+def _text_to_image(
+    instruction: str, describe: Callable[[random.Random, Scene, _Rules], str]
+) -> Callable[[random.Random, _Rules, int], list[_Example]]:
+    """A family: a text describing a scene -> its image; hard negatives are the images one edit away."""
+
+    def family(rng: random.Random, rules: _Rules, size: int) -> list[_Example]:
+        out = []
+        for scene in _caption_scenes(rng, rules, size):
+            positive = _image_target(scene)
+            hard = tuple(map(_image_target, _variants(scene, rules.distractor_labels, rng, rules.hard)))
+            query = Side(instruction, describe(rng, scene, rules), facts=scene.facts)
+            out.append(_Example(query, positive, hard, (positive,)))
+        return out
+
+    return family
+
+
+_t2i_family = _text_to_image(T2I_Q, lambda rng, scene, rules: _caption(scene))
+"""Caption -> image."""
+
+_SMALL_TALK = (  # true on every canvas (a document's page has text and no plain background)
+    "Q: are there any people? A: no, only shapes.",
+    "Q: is there an animal? A: no.",
+    "Q: do any of the shapes overlap? A: no, each one has a cell of its own.",
+    "Q: is this a photograph? A: no, it is a flat drawing.",
+    "Q: are the shapes outlined? A: no, each is filled with a single colour.",
+    "Q: is the image in colour? A: yes.",
+)
+
+
+def _dialogue(rng: random.Random, scene: Scene, rules: _Rules) -> str:
+    """VisDial-like rounds that together state every object's colour, shape and position (so only
+    this scene fits them), among true small talk (absent labels and cells, counts): from a few rounds
+    to a few dozen, long-tailed. Names no label outside `rules.allowed`."""
+    objs = list(scene.objs)
+    rng.shuffle(objs)
+    labels = [o.label for o in objs]
+    rounds: list[tuple[str, ...]] = []  # a follow-up question ("what colour is it?") stays after its round
+    for o in objs:
+        where, how = POSITIONS[o.cell], rng.randrange(3)
+        if how == 0:
+            rounds.append((f"Q: what is at the {where}? A: {ARTICLES[o.colour]} {o.colour} {o.shape}.",))
+        elif how == 1 and labels.count(o.label) == 1:
+            rounds.append((f"Q: where is the {o.colour} {o.shape}? A: at the {where}.",))
+        else:
+            rounds.append(
+                (f"Q: is there anything at the {where}? A: yes, a {o.shape}.", f"Q: what colour is it? A: {o.colour}.")
+            )
+    cells = {o.cell for o in objs}
+    talk = [f"Q: is there {ARTICLES[c]} {c} {s}? A: no." for c, s in rules.allowed if (c, s) not in labels]
+    talk += [f"Q: is there anything at the {POSITIONS[c]}? A: no, it is empty." for c in range(9) if c not in cells]
+    talk += [f"Q: how many {c} shapes are there? A: {NUMBERS[[o.colour for o in objs].count(c)]}." for c in COLOURS]
+    talk += [f"Q: how many {PLURALS[s]} are there? A: {NUMBERS[[o.shape for o in objs].count(s)]}." for s in SHAPES]
+    talk += _SMALL_TALK
+    u = rng.random()
+    n = rng.randint(0, 3) if u < 0.5 else rng.randint(4, 12) if u < 0.85 else rng.randint(13, 40)
+    rounds += [(line,) for line in rng.sample(talk, min(n, len(talk)))]
+    rng.shuffle(rounds)
+    return " ".join([f"Q: how many shapes are there? A: {NUMBERS[len(objs)]}.", *(q for r in rounds for q in r)])
+
+
+_dialog_family = _text_to_image(DIALOG_Q, _dialogue)
+"""Dialogue -> image (SynDialog): long text-only queries."""
 
 
 def _i2t_family(rng: random.Random, rules: _Rules, size: int) -> list[_Example]:
@@ -614,6 +727,7 @@ _TASKS: dict[str, tuple[_Family, int]] = {
     "SynEdit": (_edit_family, 4),
     "SynGround": (_ground_family, 2),
 }
+_EXTRA_TASKS: dict[str, tuple[_Family, int]] = {"SynDialog": (_dialog_family, 4)}
 
 # --- The plan ---
 
@@ -681,25 +795,43 @@ def build_plan(seed: int = 0, scale: str = "default") -> Plan:
     train_rules = _Rules(allowed, held_out, ood=False, hard=1)
     ind, ood = _Rules(allowed, held_out, False, sizes.hard), _Rules(allowed, held_out, True, sizes.hard)
     train, evals = {}, {}
-    for name, (family, size) in _TASKS.items():
+    tasks = {**_TASKS, **{name: _EXTRA_TASKS[name] for name in sizes.extra_subsets}}
+    rows = dict(sizes.subset_rows)
+    for name, (family, size) in tasks.items():
         taken: set = set()
         rng = _rng(seed, "train", name)
-        examples = _draw(rng, family, train_rules, size, sizes.train_rows, taken)
+        examples = _draw(rng, family, train_rules, size, rows.get(name, sizes.train_rows), taken)
         rng.shuffle(examples)  # scatter the families: a random batch must not get them for free
         train[name] = [Row(ex.query, (ex.positive, ex.hard[0])) for ex in examples]
-        evals[name] = _eval_rows(_rng(seed, "eval", name), TRAIN_SUBSETS[name], family, ind, sizes, taken)
+        evals[name] = _eval_rows(_rng(seed, "eval", name), _META_TASKS[name], family, ind, sizes, taken)
     for name in OOD_DATASETS:
         base = name.removesuffix("_OOD")
         evals[name] = _eval_rows(_rng(seed, "eval", name), TRAIN_SUBSETS[base], _TASKS[base][0], ood, sizes, set())
+    if sizes.shapes is not None:
+        for part, datasets in (("train", train), ("eval", evals)):
+            for name, rows_of in datasets.items():
+                meta_task = _EVAL_INFO[name][0]
+                datasets[name] = _on_canvases(rows_of, _rng(seed, "canvas", part, name), sizes.shapes, meta_task)
     return Plan(held_out, train, evals)
 
 
+def _on_canvases(rows: list[Row], rng: random.Random, shapes: Shapes, meta_task: str) -> list[Row]:
+    """The rows with every picture on a canvas: one per scene, drawn in first-use order, so a crop
+    is cut from the canvas its query shows."""
+    canvases: dict[Scene, Canvas] = {}
+
+    def place(side: Side) -> Side:
+        if side.picture is None:
+            return side
+        scene = side.picture.scene
+        if scene not in canvases:
+            canvases[scene] = draw_canvas(rng, shapes, meta_task)
+        return replace(side, picture=replace(side.picture, canvas=canvases[scene]))
+
+    return [Row(place(row.query), tuple(map(place, row.targets))) for row in rows]
+
+
 # --- Rendering ---
-
-
-@cache
-def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default_imagefont()  # the bitmap font: no FreeType, same pixels everywhere
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -721,33 +853,49 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             (cx - r, cy - t), (cx - t, cy - t)]  # fmt: skip
 
 
-def render(picture: Picture) -> Image.Image:
-    """The RGB image of a picture (84x84, or the crop)."""
-    scene = picture.scene
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def _paint(img: Image.Image, scene: Scene, left: int = 0, top: int = 0, k: float = 1) -> None:
+    """Draw the scene's objects and glyph into `img`, scaled by k, its top left corner at (left, top)."""
     draw = ImageDraw.Draw(img)
     for o in scene.objs:
-        cx = (o.cell % 3) * CELL + CELL / 2 + o.dx
-        cy = (o.cell // 3) * CELL + CELL / 2 + o.dy
-        r = o.size / 2
+        cx = left + k * ((o.cell % 3) * CELL + CELL / 2 + o.dx)
+        cy = top + k * ((o.cell // 3) * CELL + CELL / 2 + o.dy)
+        r = k * o.size / 2
         if o.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[o.colour])
         else:
             draw.polygon(_outline(o.shape, cx, cy, r), fill=COLOURS[o.colour])
     if scene.glyph:
-        _, _, w, h = _font().getbbox(scene.glyph)
-        mask = Image.new("L", (w, h), 0)
-        ImageDraw.Draw(mask).text((0, 0), scene.glyph, font=_font(), fill=255)
-        mask = mask.resize((2 * w, 2 * h), Image.Resampling.NEAREST)  # legible at one token per cell
+        w, h = text_size(scene.glyph)
+        mask = big_text_mask(scene.glyph, round(2 * w * k), round(2 * h * k))  # legible at one token per cell
         x, y = (scene.glyph_cell % 3) * CELL, (scene.glyph_cell // 3) * CELL
-        img.paste(INK, (x + (CELL - 2 * w) // 2, y + (CELL - 2 * h) // 2), mask)
-    return img.crop(picture.box) if picture.box else img
+        img.paste(INK, (left + round(k * (x + (CELL - 2 * w) // 2)), top + round(k * (y + (CELL - 2 * h) // 2))), mask)
+
+
+def render(picture: Picture) -> Image.Image:
+    """The RGB image of a picture (84x84 or its canvas, or the crop)."""
+    canvas = picture.canvas
+    if canvas is None:
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+        _paint(img, picture.scene)
+        return img.crop(picture.box) if picture.box else img
+    left, top, side = canvas.scene_box
+    if canvas.kind == "document":
+        img = Image.new("RGB", (canvas.width, canvas.height), PAGE)
+        paint_page(img, canvas)
+        img.paste(BACKGROUND, (left, top, left + side, top + side))
+    else:
+        img = Image.new("RGB", (canvas.width, canvas.height), BACKGROUND)
+    _paint(img, picture.scene, left, top, side / IMAGE_SIZE)
+    return img.crop(scaled_box(canvas, picture.box, IMAGE_SIZE)) if picture.box else img
 
 
 def _render_files(jobs: list[tuple[str, Picture]]) -> int:
-    """Render and write PNGs: fixed compression, no metadata chunks (byte-identical reruns)."""
+    """Render and write PNGs (JPEGs where the name says so): fixed settings, no metadata (byte-identical reruns)."""
     for path, picture in jobs:
-        render(picture).save(path, format="PNG", compress_level=6)
+        if path.endswith(".jpg"):
+            render(picture).save(path, format="JPEG", quality=JPEG_QUALITY)
+        else:
+            render(picture).save(path, format="PNG", compress_level=6)
     return len(jobs)
 
 
@@ -776,16 +924,22 @@ EVAL_SCHEMA = pa.schema(
 
 
 class _Images:
-    """Image files of one dataset: each distinct picture gets one name, in first-use order."""
+    """Image files of one dataset: each distinct picture gets one name, in first-use order; a
+    JPEG's when it has at least `jpeg_min_pixels` pixels."""
 
-    def __init__(self, root: Path, prefix: str) -> None:
-        self.root, self.prefix = root, prefix
+    def __init__(self, root: Path, prefix: str, jpeg_min_pixels: int | None = None) -> None:
+        self.root, self.prefix, self.jpeg_min_pixels = root, prefix, jpeg_min_pixels
         self.names: dict[Picture, str] = {}
 
     def path(self, side: Side) -> str:
-        if side.picture is None:
+        picture = side.picture
+        if picture is None:
             return ""
-        return self.names.setdefault(side.picture, f"{self.prefix}/{len(self.names):06d}.png")
+        if picture not in self.names:
+            width, height = picture.size
+            jpeg = self.jpeg_min_pixels is not None and width * height >= self.jpeg_min_pixels
+            self.names[picture] = f"{self.prefix}/{len(self.names):06d}.{'jpg' if jpeg else 'png'}"
+        return self.names[picture]
 
     def jobs(self) -> list[tuple[str, Picture]]:
         return [(str(self.root / name), picture) for picture, name in self.names.items()]
@@ -796,8 +950,8 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="snappy")
 
 
-def _write_train(root: Path, name: str, rows: list[Row], seed: int) -> _Images:
-    images = _Images(root, f"images/{name}")
+def _write_train(root: Path, name: str, rows: list[Row], seed: int, jpeg: int | None) -> _Images:
+    images = _Images(root, f"images/{name}", jpeg)
     columns: dict[str, list[str]] = {field: [] for field in TRAIN_COLUMNS}
     diverse_qry = []
     rng = _rng(seed, "diverse", name)
@@ -813,8 +967,8 @@ def _write_train(root: Path, name: str, rows: list[Row], seed: int) -> _Images:
     return images
 
 
-def _write_eval(root: Path, name: str, rows: list[Row]) -> _Images:
-    images = _Images(root, f"images/{name}")
+def _write_eval(root: Path, name: str, rows: list[Row], jpeg: int | None) -> _Images:
+    images = _Images(root, f"images/{name}", jpeg)
     columns: dict[str, list] = {field: [] for field in EVAL_SCHEMA.names}
     for row in rows:
         columns["qry_text"].append(row.query.text())
@@ -840,21 +994,23 @@ def _write(root: Path, plan: Plan, seed: int, scale: str) -> dict:
         "eval": {},
     }
     jobs = []
+    shapes = SCALES[scale].shapes
+    jpeg = shapes.jpeg_min_pixels if shapes is not None else None
     for name, rows in plan.train.items():
-        images = _write_train(root / "train", name, rows, seed)
+        images = _write_train(root / "train", name, rows, seed, jpeg)
         manifest["train"][name] = {"rows": len(rows), "images": len(images.names)}
         jobs += images.jobs()
     for name, rows in plan.eval.items():
-        images = _write_eval(root / "eval", name, rows)
+        images = _write_eval(root / "eval", name, rows, jpeg)
         manifest["eval"][name] = {"rows": len(rows), "candidates": len(rows[0].targets), "images": len(images.names)}
         jobs += images.jobs()
     for folder in dict.fromkeys(os.path.dirname(path) for path, _ in jobs):
         os.makedirs(folder, exist_ok=True)
     _render_all(jobs, SCALES[scale].workers)
-    _write_json(root / "train" / "datasets.json", {name: {"meta_task": TRAIN_SUBSETS[name]} for name in plan.train})
+    _write_json(root / "train" / "datasets.json", {name: {"meta_task": _META_TASKS[name]} for name in plan.train})
     _write_json(
         root / "eval" / "datasets.json",
-        {name: {"meta_task": EVAL_DATASETS[name][0], "split": EVAL_DATASETS[name][1]} for name in plan.eval},
+        {name: {"meta_task": _EVAL_INFO[name][0], "split": _EVAL_INFO[name][1]} for name in plan.eval},
     )
     _write_json(root / "MANIFEST.json", manifest)  # last: its presence means the generation completed
     return manifest
