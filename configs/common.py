@@ -72,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # MMEB-train layout; "" with data.synthetic set = the generated benchmark
-    c.data.synthetic = ""  # "default" or "small": generate (once) and use the synthetic benchmark
+    c.data.synthetic = ""  # "default", "small", "demo" or "mmeb_shape" (MMEB's image sizes and lengths): generate (once) and use the synthetic benchmark
     c.data.synthetic_dir = "~/.cache/vlm2vec_jax/synthetic"  # where the synthetic benchmark is kept
     c.data.subsets = "all"  # comma-separated subset names, or "all"
     c.data.split = "original"  # MMEB-train split: "original" or "diverse_instruction"

@@ -220,7 +220,7 @@ def read_mmeb_train(
     max_rows_per_subset: int | None = None,
     hard_negatives: bool = False,
     positive_prompts: bool = True,
-    bad_data: BadDataPolicy = "skip",
+    bad_data: BadDataPolicy | BadDataHandler = "skip",
     check_images: bool = True,
 ) -> TrainSet:
     """Read MMEB-train subsets into one `TrainSet`.
@@ -229,12 +229,13 @@ def read_mmeb_train(
     `split`: MMEB's "original" or "diverse_instruction" (any name in the layout is accepted).
     `hard_negatives`: fill `TrainPair.negatives` from `neg_text`/`neg_image_path` where present.
     `positive_prompts`: B3's target prefixes on positives and negatives (off for plain VLM2Vec).
-    `bad_data`: "skip" (count in `TrainSet.report`) or "error". `check_images`: `os.path.exists`
+    `bad_data`: "skip" (count in `TrainSet.report`), "error", or a handler of the caller's (one
+    that names what it skips, say). `check_images`: `os.path.exists`
     on every image now (decoding is the pipeline's job).
     """
     root = os.path.abspath(os.fspath(root))
     names = select_datasets(root, split, subsets)
-    handler = BadDataHandler(bad_data)
+    handler = bad_data if isinstance(bad_data, BadDataHandler) else BadDataHandler(bad_data)
     image_root = os.path.abspath(os.fspath(image_root)) if image_root is not None else root
     read_side = SideReader(image_root, handler, check_images)
     pairs = {

@@ -10,6 +10,7 @@ import ml_collections
 
 from vlm2vec_jax.data.batch_plan import BatchPlan, FileBatchPlan, RandomBatchPlan
 from vlm2vec_jax.data.mmeb_eval import read_mmeb_eval
+from vlm2vec_jax.data.bad_data import BadDataHandler
 from vlm2vec_jax.data.mmeb_train import TrainSet, read_mmeb_train
 from vlm2vec_jax.data.records import EvalQuery
 from vlm2vec_jax.data.synthetic import generate
@@ -29,7 +30,9 @@ def data_roots(config: ml_collections.ConfigDict) -> tuple[Path, Path | None]:
     return Path(train_root), Path(eval_root) if eval_root else None
 
 
-def load_train_set(config: ml_collections.ConfigDict, root: Path) -> TrainSet:
+def load_train_set(config: ml_collections.ConfigDict, root: Path, handler: BadDataHandler | None = None) -> TrainSet:
+    """The configured training set; `handler` (e.g. one that records what it skips) replaces the
+    policy of `data.bad_data`."""
     subsets = "all" if config.data.subsets == "all" else [s.strip() for s in config.data.subsets.split(",") if s.strip()]
     return read_mmeb_train(
         root,
@@ -39,7 +42,7 @@ def load_train_set(config: ml_collections.ConfigDict, root: Path) -> TrainSet:
         max_rows_per_subset=config.data.max_rows_per_subset or None,
         hard_negatives=config.train.hard_negatives > 0 and not config.data.batch_file,
         positive_prompts=config.data.positive_prompts,
-        bad_data=config.data.bad_data,
+        bad_data=handler or config.data.bad_data,
     )
 
 
