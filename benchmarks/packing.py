@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--gc-chunk", type=int, default=4)
     parser.add_argument("--hard-negatives", type=int, default=1)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--max-pixels", type=int, default=448 * 448)
+    parser.add_argument("--max-pixels", type=int, default=28 * 28 * 320)
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="packing_bench_"))
