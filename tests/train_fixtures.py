@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
+from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora
+from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image
 from vlm2vec_jax.processing.text import TextProcessor
@@ -40,3 +44,15 @@ def contrastive_batch(checkpoint: Path, queries: int, hard_negatives: int, lengt
         "target_valid": target_valid,
         "target_key": target_key,
     }
+
+
+def perturbed_dora(checkpoint: Path) -> tuple:
+    """(graphdef, adapter params, frozen rest) of the checkpoint with DoRA r 4 (dropout 0.2) on every
+    target. Fresh adapters have B = 0 (no gradient reaches A): every adapter value is perturbed."""
+    model = load_pretrained(checkpoint)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.2, use_dora=True), nnx.Rngs(1))
+    graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return graphdef, params, frozen

@@ -14,14 +14,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_fixtures import contrastive_batch  # noqa: E402
+from train_fixtures import contrastive_batch, perturbed_dora  # noqa: E402
 
 from vlm2vec_jax.data.packing import PackBudget, pack_record  # noqa: E402
-from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora  # noqa: E402
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained  # noqa: E402
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from vlm2vec_jax.training.forward import make_embed_factory  # noqa: E402
 from vlm2vec_jax.training.loop import device_batch, place  # noqa: E402
@@ -93,12 +90,7 @@ FAULTS = ("segment_mask", "position", "pooled_index", "dropout_key")
 
 def main(chunk_sizes: list[int]) -> None:
     checkpoint = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "ckpt", max_pixels=56 * 56 * 4)
-    model = load_pretrained(checkpoint)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.2, use_dora=True), nnx.Rngs(1))
-    graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    graphdef, params, frozen = perturbed_dora(checkpoint)
     batch = training_batch(checkpoint)
     mesh = make_mesh(-1, 1, 1)
     shards = batch_size_of(mesh)
