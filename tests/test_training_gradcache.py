@@ -8,13 +8,12 @@ count). `infonce` is checked against a direct NumPy computation.
 
 from __future__ import annotations
 
-import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from training_runs import PYTHON, REPO, environment, finish_all, start, tail
+from training_runs import script_results
 from vlm2vec_jax.training.loss import infonce
 
 # Chunk sizes (queries per device per chunk) over the 16-query batch: 0 = no caching, 1 = sixteen
@@ -29,20 +28,8 @@ TOLERANCE = 1e-6
 @pytest.fixture(scope="module")
 def gradcache_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     """Both device counts at once (two processes, mostly single-threaded compilation)."""
-    logs = tmp_path_factory.mktemp("gradcache")
-    script = str(REPO / "tests/scripts/gradcache_check.py")
-    runs = {}
-    for devices, chunks in ((1, ONE_DEVICE_CHUNKS), (8, EIGHT_DEVICE_CHUNKS)):
-        log = logs / f"{devices}.log"
-        command = [PYTHON, script, *map(str, chunks)]
-        runs[devices] = (start(command, environment(None, devices), log), log)
-    codes = finish_all(list(runs.values()), timeout=900)
-    results = {}
-    for (devices, (_, log)), code in zip(runs.items(), codes):
-        assert code == 0, f"gradcache_check.py on {devices} device(s) failed ({code}):\n{tail(log)}"
-        lines = [line for line in log.read_text().replace("\r", "\n").splitlines() if line.startswith("{")]
-        results[devices] = json.loads(lines[-1])
-    return results
+    chunks = {1: ONE_DEVICE_CHUNKS, 8: EIGHT_DEVICE_CHUNKS}
+    return script_results("gradcache_check.py", chunks, tmp_path_factory.mktemp("gradcache"), timeout=900)
 
 
 @pytest.mark.slow

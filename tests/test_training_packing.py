@@ -10,14 +10,12 @@ keyed by the row position) and each must move the gradients far beyond that tole
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from train_fixtures import contrastive_batch
-from training_runs import PYTHON, REPO, environment, finish_all, start, tail
+from training_runs import script_results
 from vlm2vec_jax.batch import MERGE_UNITS
 from vlm2vec_jax.data.packing import PackBudget, PackingError, pack_record
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint
@@ -132,19 +130,8 @@ def test_a_batch_over_capacity_names_the_key_to_raise(batch: dict) -> None:
 
 @pytest.fixture(scope="module")
 def step_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
-    logs = tmp_path_factory.mktemp("packing")
-    script = str(REPO / "tests/scripts/packing_check.py")
-    runs = {}
-    for devices, chunks in ((1, ONE_DEVICE_CHUNKS), (8, EIGHT_DEVICE_CHUNKS)):
-        log = logs / f"{devices}.log"
-        runs[devices] = (start([PYTHON, script, *map(str, chunks)], environment(None, devices), log), log)
-    codes = finish_all(list(runs.values()), timeout=1500)
-    results = {}
-    for (devices, (_, log)), code in zip(runs.items(), codes):
-        assert code == 0, f"packing_check.py on {devices} device(s) failed ({code}):\n{tail(log)}"
-        lines = [line for line in Path(log).read_text().replace("\r", "\n").splitlines() if line.startswith("{")]
-        results[devices] = json.loads(lines[-1])
-    return results
+    chunks = {1: ONE_DEVICE_CHUNKS, 8: EIGHT_DEVICE_CHUNKS}
+    return script_results("packing_check.py", chunks, tmp_path_factory.mktemp("packing"), timeout=1500)
 
 
 @pytest.mark.slow

@@ -147,6 +147,23 @@ def tail(log: Path, chars: int = 4000) -> str:
     return text[-chars:]
 
 
+def script_results(script: str, chunks_by_devices: dict[int, Sequence[int]], logs: Path, timeout: float) -> dict[int, dict]:
+    """Run `tests/scripts/<script>` with each device count (and its chunk sizes as arguments) at
+    once, one subprocess each, and return the JSON each printed last, by device count."""
+    path = str(REPO / "tests/scripts" / script)
+    runs = {}
+    for devices, chunks in chunks_by_devices.items():
+        log = logs / f"{devices}.log"
+        runs[devices] = (start([PYTHON, path, *map(str, chunks)], environment(None, devices), log), log)
+    codes = finish_all(list(runs.values()), timeout=timeout)
+    results = {}
+    for (devices, (_, log)), code in zip(runs.items(), codes):
+        assert code == 0, f"{script} on {devices} device(s) failed ({code}):\n{tail(log)}"
+        lines = [line for line in log.read_text().replace("\r", "\n").splitlines() if line.startswith("{")]
+        results[devices] = json.loads(lines[-1])
+    return results
+
+
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path, what: str, timeout: float = RUN_TIMEOUT) -> None:
     """Poll `condition` every 5 ms; fail if the process exits first or time runs out."""
     deadline = time.monotonic() + timeout

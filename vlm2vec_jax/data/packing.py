@@ -114,26 +114,27 @@ def pack_record(
         raise ValueError(f"{q_rows} queries and {t_rows} targets do not split over {shards} device shards")
     per_q, per_t = q_rows // shards, t_rows // shards
     out = _empty(budget, shards, query["pixel_values"].shape[-1])
-    negatives = t_rows // max(q_rows, 1)
+    per_query = t_rows // max(q_rows, 1)  # 1 + hard negatives
+    lengths = {s: record[s]["attention_mask"].astype(bool).sum(axis=1) for s in SIDES}
     for shard in range(shards):
         sequences = [("query", i, first_query + i) for i in range(shard * per_q, (shard + 1) * per_q)]
         sequences += [("target", j, global_queries + first_target + j) for j in range(shard * per_t, (shard + 1) * per_t)]
-        lengths = {s: record[s]["attention_mask"].astype(bool).sum(axis=1) for s in SIDES}
         sequences = [s for s in sequences if lengths[s[0]][s[1]] > 0]
         sequences.sort(key=lambda s: -int(lengths[s[0]][s[1]]))
         chunks: list[_Chunk] = []
         for side, row, example in sequences:
-            where = _describe(record, side, row, negatives)
+            where = _describe(record, side, row, per_query)
             _place(out, shard, chunks, budget, record[side], row, example, where, record.get("step"))
         out["num_chunks"][shard] = len(chunks)
     rest = {k: v for k, v in record.items() if k not in SIDES}
     return {**rest, "packed": out}
 
 
-def _describe(record: dict[str, Any], side: str, row: int, negatives: int) -> str:
+def _describe(record: dict[str, Any], side: str, row: int, per_query: int) -> str:
+    """Names a padded sequence by its planned training row, for errors."""
     planned = record.get("rows")
-    owner = row if side == "query" else row // max(negatives, 1)
-    name = "query" if side == "query" else ("positive" if row % max(negatives, 1) == 0 else "hard negative")
+    owner = row if side == "query" else row // max(per_query, 1)
+    name = "query" if side == "query" else ("positive" if row % max(per_query, 1) == 0 else "hard negative")
     return f"the {name} of planned training row {int(planned[owner]) if planned is not None else owner}"
 
 

@@ -90,7 +90,7 @@ from vlm2vec_jax.data.mmeb_train import TrainSet
 from vlm2vec_jax.data.pipeline import TrainBatchSource
 from vlm2vec_jax.data.prompts import to_backbone_text
 from vlm2vec_jax.data.records import Side
-from vlm2vec_jax.processing.image import SMALL_IMAGE_RESIZE, SMALL_IMAGE_SIDE, ImageProcessorConfig, smart_resize
+from vlm2vec_jax.processing.image import ImageProcessorConfig, resized_size
 from vlm2vec_jax.processing.text import TextProcessor, with_image_placeholder
 from vlm2vec_jax.training.data_setup import batch_plan, data_roots, load_train_set
 
@@ -137,11 +137,9 @@ def image_tokens_from_header(path: str, config: ImageProcessorConfig, max_patche
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read the image header of {path} ({type(e).__name__}: {e})") from e
-    if width < SMALL_IMAGE_SIDE or height < SMALL_IMAGE_SIDE:
-        width, height = SMALL_IMAGE_RESIZE
     p, m = config.patch_size, config.merge_size
     try:
-        h, w = smart_resize(height, width, factor=p * m, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        h, w = resized_size(width, height, config)
     except ValueError as e:  # decodes, but no usable shape (aspect ratio over 200), as the pipeline says
         raise ValueError(f"image file {path}: {e}") from e
     patches = (h // p) * (w // p)

@@ -225,6 +225,16 @@ def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarra
     return lut
 
 
+def resized_size(width: int, height: int, config: ImageProcessorConfig) -> tuple[int, int]:
+    """(height, width) that `process_image` resizes a width x height image to: a side under 28 px
+    blows the image up to 56 x 56 first, then `smart_resize`. Needs only the size, so a header
+    suffices (the training-set profile measures images this way, without decoding them)."""
+    if width < SMALL_IMAGE_SIDE or height < SMALL_IMAGE_SIDE:
+        width, height = SMALL_IMAGE_RESIZE
+    factor = config.patch_size * config.merge_size
+    return smart_resize(height, width, factor=factor, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+
+
 def process_image(source: ImageSource, config: ImageProcessorConfig | None = None) -> ProcessedImage:
     """Load and preprocess one image into Qwen2-VL vision patches (matches transformers to float32 bits)."""
     config = config or ImageProcessorConfig()
@@ -232,9 +242,7 @@ def process_image(source: ImageSource, config: ImageProcessorConfig | None = Non
     if img.width < SMALL_IMAGE_SIDE or img.height < SMALL_IMAGE_SIDE:
         img = img.resize(SMALL_IMAGE_RESIZE, Image.Resampling.BICUBIC)
     p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
-    height, width = smart_resize(
-        img.height, img.width, factor=p * m, min_pixels=config.min_pixels, max_pixels=config.max_pixels
-    )
+    height, width = resized_size(img.width, img.height, config)
     if (width, height) != img.size:
         img = img.resize((width, height), Image.Resampling.BICUBIC)
     pixels = np.asarray(img)  # (H, W, C) uint8
