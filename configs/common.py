@@ -53,8 +53,9 @@ def base() -> ml_collections.ConfigDict:
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
     c.train.adam_eps = 1e-8
-    c.train.packing = False  # pack sequences into fixed token / patch budgets per GradCache chunk (data/packing.py): a step runs as many chunks as its batch fills; False = every sequence padded to max_len and the largest image
-    c.train.pack_text_rows = 0  # text rows of max(max_len, target_max_len) tokens per packed chunk; 0 = the tokens of one padded GradCache chunk
+    c.train.packing = True  # pack sequences into fixed token / patch budgets per GradCache chunk (data/packing.py): a step runs as many chunks as its batch fills. Takes effect with GradCache (gc_chunk_size > 0) or explicit pack_text_rows; False = every sequence padded to max_len and the largest image (fixed shapes)
+    c.train.pack_text_len = 0  # tokens per packed text row; 0 = max(max_len, target_max_len). A shorter row (the longest sequence your data has, from a profile) wastes less attention; a sequence over it is an error naming its training row
+    c.train.pack_text_rows = 0  # text rows of pack_text_len tokens per packed chunk; 0 = the tokens of one padded GradCache chunk
     c.train.pack_vision_rows = 0  # vision rows (each the largest image max_pixels allows) per packed chunk; 0 = the images of one padded chunk
     c.train.pack_chunks = 0  # packed chunks a device may fill per step (array capacity, memory); 0 = twice the padded chunk count (1 without GradCache); a batch over it is an error naming this key
     c.train.log_every = 10  # steps between metrics.jsonl lines (the progress bar updates every step)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from vlm2vec_jax.data.bad_data import BadDataError
 from vlm2vec_jax.data.batch_plan import FINGERPRINT_KEY, FileBatchPlan, RandomBatchPlan
 from vlm2vec_jax.data.pipeline import TrainBatchSource, make_train_iterator
 from vlm2vec_jax.data.records import Side, TrainPair
+from vlm2vec_jax.processing.image import normalize_patches, process_image
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
 MAX_LEN = 40
@@ -221,8 +223,27 @@ def test_every_step_has_the_same_shapes(tiny_ckpt, images):
     shapes = _shapes(records[0])
     assert shapes["query/input_ids"][0] == (4, MAX_LEN)
     assert shapes["target/input_ids"][0] == (4 * 3, MAX_LEN)
-    assert shapes["query/pixel_values"][0] == (4, 64, 1176) and shapes["target/pixel_values"][0] == (12, 64, 1176)
+    assert shapes["query/pixel_values"][1] == shapes["target/pixel_values"][1] == np.uint8
+    assert shapes["query/pixel_values"][0] == (4, 64, 588) and shapes["target/pixel_values"][0] == (12, 64, 588)
     assert shapes["valid"][0] == (4,) and shapes["target_valid"][0] == (12,)
+
+
+def test_pixels_travel_as_uint8_and_normalise_on_the_device_to_the_processors_floats(tiny_ckpt, images):
+    """A record carries each image's uint8 patches (one frame, 1/8 of the float32 bytes); the
+    training forward's `normalize_patches` under jit gives `process_image`'s floats bit for bit."""
+    pairs = [p for p in _pairs(images) if p.dataset == "cls"]
+    plan = RandomBatchPlan([p.dataset for p in pairs], batch_size=4, seed=0, homogeneous=False)
+    source = _source(tiny_ckpt, pairs, plan)
+    record = source[0]
+    pixels = record["query"]["pixel_values"]
+    assert pixels.dtype == np.uint8
+    normalised = np.asarray(jax.jit(lambda x: normalize_patches(x, source.image_config))(pixels))
+    for row, pair_row in enumerate(record["rows"]):
+        expected = process_image(pairs[int(pair_row)].query.image, source.image_config).patches
+        n = int((record["query"]["patch_segment_ids"][row] > 0).sum())
+        assert n == len(expected)
+        np.testing.assert_array_equal(normalised[row, :n], expected)
+    assert pixels.nbytes * 8 == normalised.nbytes
 
 
 def test_targets_are_padded_and_truncated_to_their_own_length(tiny_ckpt, images):
@@ -255,7 +276,7 @@ def test_a_side_without_images_in_the_training_set_ships_no_pixels(tiny_ckpt, im
     assert (source.query_vision_rows, source.target_vision_rows) == (4, 0)
     for step in range(2):
         record = source[step]
-        assert record["query"]["pixel_values"].shape == (4, 64, 1176)
+        assert record["query"]["pixel_values"].shape == (4, 64, 588)
         assert record["target"]["pixel_values"].shape[0] == record["target"]["patch_segment_ids"].shape[0] == 0
 
 

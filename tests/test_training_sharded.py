@@ -1,7 +1,7 @@
 """The same training run on 8 simulated devices gives what it gives on one: per-step losses and final
 parameters, for pure data parallelism with GradCache (shard_map, ZeRO-2 reduce-scatter) and for a
-mesh that shards the parameters too (data 2 x fsdp 2 x tensor 2, XLA's partitioner), and with packed
-sequences (train.packing) on one device and on that mesh. The 8-device
+mesh that shards the parameters too (data 2 x fsdp 2 x tensor 2, XLA's partitioner), with packed
+sequences (the default with GradCache) and fixed shapes. The 8-device
 checkpoints are restored onto one device (orbax reshards), which is itself part of the check."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ LOSS_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    names = ("baseline_1dev", "dp8_gc1", "fsdp2_tp2", "packed_gc1", "packed_fsdp2_tp2")
+    names = ("baseline_1dev", "dp8_gc1", "fixed_dp8_gc1", "fsdp2_tp2", "packed_fsdp2_tp2")
     return dict(zip(names, shared_runs(tmp_path_factory, *names)))
 
 
@@ -42,11 +42,23 @@ def _saved_layout(workdir) -> dict[str, list]:
     return {base64.b64decode(k).decode().removesuffix(".value"): json.loads(v)["partition_spec"] for k, v in record.items()}
 
 
-@pytest.mark.parametrize("name", ["dp8_gc1", "fsdp2_tp2", "packed_gc1", "packed_fsdp2_tp2"])
+# GradCache on, train.packing at its default -> the padded step's chunks per device shard (8 queries
+# over 8 and over 4 shards, chunks of 1); a packed step may fill up to twice as many.
+PACKED_RUNS = {"dp8_gc1": 1, "packed_fsdp2_tp2": 2}
+
+
+@pytest.mark.parametrize("name", ["dp8_gc1", "fixed_dp8_gc1", "fsdp2_tp2", "packed_fsdp2_tp2"])
 def test_eight_devices_match_one_device(runs, baseline_state, name: str) -> None:
     workdir = runs[name]
     config = run_config(workdir)
     assert config.train.batch_size == 8
+    # Which step ran: a packed one logs the chunks its devices filled (fewer than its capacity here:
+    # short synthetic sequences), a fixed-shape one does not.
+    chunks = _per_step(workdir, "packed_chunks")
+    if name in PACKED_RUNS:
+        assert len(chunks) == len(metrics(workdir)) and 1 <= chunks.min() and chunks.max() <= 2 * PACKED_RUNS[name]
+    else:
+        assert len(chunks) == 0
     expected, got = final_losses(runs["baseline_1dev"]), final_losses(workdir)
     np.testing.assert_allclose(got, expected, rtol=LOSS_RTOL)
     assert len(set(np.round(expected, 3))) > 3  # the losses do move: the comparison is not of constants

@@ -12,26 +12,30 @@ from flax import nnx
 from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
-from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image
+from vlm2vec_jax.processing.image import ImageProcessorConfig, patchify, raw_patch_dim
 from vlm2vec_jax.processing.text import TextProcessor
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
 
 def contrastive_batch(checkpoint: Path, queries: int, hard_negatives: int, length: int = 48) -> dict:
-    """A training batch in the pipeline's layout: queries alternate image / text, targets carry
-    images every third row, one target slot is masked invalid."""
+    """A training batch in the pipeline's layout (uint8 pixels, normalised by the training forward):
+    queries alternate image / text, targets carry images every third row, one target slot is
+    masked invalid."""
     text = TextProcessor.from_pretrained_dir(checkpoint, max_len=length)
     images = ImageProcessorConfig.from_pretrained_dir(checkpoint)
     per_query = 1 + hard_negatives
 
     def example(i: int, with_image: bool) -> Example:
         if with_image:
-            image = process_image(tiny_image(56, 56 + 56 * (i % 2), seed=i), images)
+            image = patchify(tiny_image(56, 56 + 56 * (i % 2), seed=i), images)
             return Example(text.encode(f"{text.image_token} picture {i}", [image.num_tokens]), (image,), "hf5")
         return Example(text.encode(f"caption number {i} red dog " * (1 + i % 3)), (), "hf5")
 
     def batcher(rows: int) -> Batcher:
-        return Batcher.from_text_processor(text, BucketSpec((length,), (32,), (rows,), batch_size=rows), aligned=True)
+        return Batcher.from_text_processor(
+            text, BucketSpec((length,), (32,), (rows,), batch_size=rows), aligned=True,
+            patch_dim=raw_patch_dim(images), pixel_dtype="uint8",
+        )
 
     target_valid = np.ones(queries * per_query, bool)
     target_valid[per_query * (queries - 1) + per_query - 1] = hard_negatives == 0  # mask one negative

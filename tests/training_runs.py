@@ -293,14 +293,14 @@ _RUNS: dict[str, Path] = {}
 SHARED_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
     # The reference: uninterrupted, one device, full fine-tuning, no GradCache.
     "baseline_1dev": (1, {}),
-    # Pure data parallelism on 8 simulated devices (shard_map path), GradCache chunks of 1 query.
+    # Pure data parallelism on 8 simulated devices (shard_map path), GradCache chunks of 1 query:
+    # packed (the default with GradCache: a dynamic chunk count per device), and with fixed shapes.
     "dp8_gc1": (8, {"train__gc_chunk_size": 1}),
-    # Parameters sharded too: mesh (data, fsdp, tensor) = (2, 2, 2), XLA's partitioner path.
+    "fixed_dp8_gc1": (8, {"train__gc_chunk_size": 1, "train__packing": False}),
+    # Parameters sharded too: mesh (data, fsdp, tensor) = (2, 2, 2), XLA's partitioner path; without
+    # GradCache (fixed shapes), and packed, where every shard's chunk c runs as one.
     "fsdp2_tp2": (8, {"mesh__data": 2, "mesh__fsdp": 2, "mesh__tensor": 2}),
-    # Packed sequences: GradCache over packed chunks (a dynamic chunk count) on one device, and on
-    # the sharded-parameter mesh, where every shard's chunk c runs as one.
-    "packed_gc1": (1, {"train__packing": True, "train__gc_chunk_size": 1}),
-    "packed_fsdp2_tp2": (8, {"train__packing": True, "train__gc_chunk_size": 1, "mesh__data": 2, "mesh__fsdp": 2, "mesh__tensor": 2}),
+    "packed_fsdp2_tp2": (8, {"train__gc_chunk_size": 1, "mesh__data": 2, "mesh__fsdp": 2, "mesh__tensor": 2}),
 }
 
 

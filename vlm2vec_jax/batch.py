@@ -14,7 +14,9 @@ Text side, B sequences of length L:
 
 Vision side, V packed rows of R patches (R a multiple of merge**2; V may be 0 for text-only batches):
 - ``pixel_values`` float32 (V, R, C * T * P * P): patches in the image processor's block-major order;
-  images packed whole into rows, padding patches zero.
+  images packed whole into rows, padding patches zero. Training batches carry them as uint8
+  (V, R, C * P * P), one frame, which the training forward normalises on the device
+  (`processing.image.normalize_patches`); the model itself takes float patches.
 - ``patch_positions`` int32 (V, R, 2): (row, column) of each patch within its image, for the 2-D
   vision rotary embedding; 0 for padding.
 - ``patch_segment_ids`` int32 (V, R): 1, 2, ... for the images of a row (attention stays inside an

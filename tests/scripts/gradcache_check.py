@@ -18,6 +18,7 @@ from train_fixtures import contrastive_batch, perturbed_dora  # noqa: E402
 
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from vlm2vec_jax.training.chunks import relative_image_index  # noqa: E402
+from vlm2vec_jax.processing.image import ImageProcessorConfig  # noqa: E402
 from vlm2vec_jax.training.forward import make_embed_factory  # noqa: E402
 from vlm2vec_jax.training.loop import device_batch, place  # noqa: E402
 from vlm2vec_jax.training.loss import infonce  # noqa: E402
@@ -35,13 +36,14 @@ def relative(a, b) -> float:
 
 def main(chunk_sizes: list[int]) -> None:
     checkpoint = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "ckpt", max_pixels=56 * 56 * 4)
+    image_config = ImageProcessorConfig.from_pretrained_dir(checkpoint)
     graphdef, params, frozen = perturbed_dora(checkpoint)
     batch = contrastive_batch(checkpoint, QUERIES, HARD_NEGATIVES)
     key = jax.random.key(3)
     step_key = jax.random.fold_in(key, 0)
 
     def reference(dropout: bool):
-        embed = make_embed_factory(graphdef, dropout=dropout)(frozen, step_key)
+        embed = make_embed_factory(graphdef, dropout=dropout, image_config=image_config)(frozen, step_key)
         query, target = (relative_image_index({k: jnp.asarray(v) for k, v in batch[s].items()}) for s in ("query", "target"))
         targets = len(batch["target_valid"])
 
@@ -60,7 +62,7 @@ def main(chunk_sizes: list[int]) -> None:
     abstract = abstract_train_state(params, sgd, mesh)
     for chunk in chunk_sizes:
         step = make_train_step(
-            make_embed_factory(graphdef, dropout=True), sgd, optax.constant_schedule(1.0),
+            make_embed_factory(graphdef, dropout=True, image_config=image_config), sgd, optax.constant_schedule(1.0),
             StepOptions(TEMPERATURE, chunk, mask_duplicate_targets=True), mesh, abstract, param_shardings(frozen, mesh), batch,
         )
         state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, abstract.params)), sgd, abstract)

@@ -20,6 +20,7 @@ from train_fixtures import contrastive_batch, perturbed_dora  # noqa: E402
 
 from vlm2vec_jax.data.packing import PackBudget, pack_record  # noqa: E402
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
+from vlm2vec_jax.processing.image import ImageProcessorConfig  # noqa: E402
 from vlm2vec_jax.training.forward import make_embed_factory  # noqa: E402
 from vlm2vec_jax.training.loop import device_batch, place  # noqa: E402
 from vlm2vec_jax.training.sharding import batch_size_of, make_mesh  # noqa: E402
@@ -90,6 +91,7 @@ FAULTS = ("segment_mask", "position", "pooled_index", "dropout_key")
 
 def main(chunk_sizes: list[int]) -> None:
     checkpoint = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "ckpt", max_pixels=56 * 56 * 4)
+    image_config = ImageProcessorConfig.from_pretrained_dir(checkpoint)
     graphdef, params, frozen = perturbed_dora(checkpoint)
     batch = training_batch(checkpoint)
     mesh = make_mesh(-1, 1, 1)
@@ -101,7 +103,7 @@ def main(chunk_sizes: list[int]) -> None:
 
     def run(record: dict, chunk: int):
         step = make_train_step(
-            make_embed_factory(graphdef, dropout=True), sgd, optax.constant_schedule(1.0),
+            make_embed_factory(graphdef, dropout=True, image_config=image_config), sgd, optax.constant_schedule(1.0),
             StepOptions(TEMPERATURE, chunk, mask_duplicate_targets=True), mesh, abstract,
             param_shardings(frozen, mesh), record,
         )

@@ -113,7 +113,7 @@ def pack_record(
     if q_rows % shards or t_rows % shards:
         raise ValueError(f"{q_rows} queries and {t_rows} targets do not split over {shards} device shards")
     per_q, per_t = q_rows // shards, t_rows // shards
-    out = _empty(budget, shards, query["pixel_values"].shape[-1])
+    out = _empty(budget, shards, query["pixel_values"].shape[-1], query["pixel_values"].dtype)
     per_query = t_rows // max(q_rows, 1)  # 1 + hard negatives
     lengths = {s: record[s]["attention_mask"].astype(bool).sum(axis=1) for s in SIDES}
     for shard in range(shards):
@@ -138,7 +138,7 @@ def _describe(record: dict[str, Any], side: str, row: int, per_query: int) -> st
     return f"the {name} of planned training row {int(planned[owner]) if planned is not None else owner}"
 
 
-def _empty(budget: PackBudget, shards: int, patch_dim: int) -> dict[str, np.ndarray]:
+def _empty(budget: PackBudget, shards: int, patch_dim: int, pixel_dtype: np.dtype) -> dict[str, np.ndarray]:
     k, c, rt, lt, rv, p, s = (shards, budget.chunks, budget.text_rows, budget.text_len, budget.vision_rows,
                               budget.vision_patches, budget.slots)
     text = lambda fill=0: np.full((k, c, rt, lt), fill, np.int32)  # noqa: E731
@@ -149,7 +149,7 @@ def _empty(budget: PackBudget, shards: int, patch_dim: int) -> dict[str, np.ndar
         "image_token_index": text(-1),
         "token_example": text(),
         "token_position": text(),
-        "pixel_values": np.zeros((k, c, rv, p, patch_dim), np.float32),
+        "pixel_values": np.zeros((k, c, rv, p, patch_dim), pixel_dtype),
         "patch_positions": np.zeros((k, c, rv, p, 2), np.int32),
         "patch_segment_ids": np.zeros((k, c, rv, p), np.int32),
         "pool_index": np.zeros((k, c, s), np.int32),

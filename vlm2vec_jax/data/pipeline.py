@@ -42,8 +42,13 @@ patches per vision row = the largest image `max_pixels` allows; vision rows = th
 sequences (each side has at most one image), or 0 for a side to which no pair of the training set
 gives an image (the batcher's text-only shape: no zero pixels shipped every step). That is the worst
 case padded once, so every step compiles to the same program; it costs memory at large `max_pixels`
-(64 sequences x 5120 patches x 1176 floats is 1.5 GB of pixels), so set `max_pixels` to what the
+(64 sequences x 5120 patches x 588 bytes is 193 MB of pixels), so set `max_pixels` to what the
 data needs.
+
+Pixels travel as uint8 patches (`patchify`: C x P x P bytes a patch, one frame) and are
+normalised on the device (`normalize_patches`, the same lookup table as `process_image`): an
+eighth of the bytes of float32 patches repeated over T, through the workers' pickling, the host
+and the transfer.
 
 Records need the tokenizer of `processor_dir`; it is loaded in the constructor (fail fast) and
 again lazily in each worker process, since grain spawns workers and pickles the source.
@@ -67,7 +72,7 @@ from vlm2vec_jax.data.batch_plan import BatchPlan
 from vlm2vec_jax.data.prompts import to_backbone_text
 from vlm2vec_jax.data.records import Side, TrainPair
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
-from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image
+from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, patchify, raw_patch_dim
 from vlm2vec_jax.processing.rope_index import ROPE_RULES
 from vlm2vec_jax.processing.text import TextProcessor, with_image_placeholder
 
@@ -165,7 +170,10 @@ class TrainBatchSource:
     def _batcher(self, text: TextProcessor, sequences: int, vision_rows: int) -> Batcher:
         """One bucket per dimension: the same shapes at every step (module docstring)."""
         buckets = BucketSpec((text.max_len,), (self.patches_per_row,), (max(1, vision_rows),), batch_size=sequences)
-        return Batcher.from_text_processor(text, buckets, merge_size=self.image_config.merge_size, aligned=True)
+        return Batcher.from_text_processor(
+            text, buckets, merge_size=self.image_config.merge_size, aligned=True,
+            patch_dim=raw_patch_dim(self.image_config), pixel_dtype="uint8",
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         skip = ("text", "target_text", "_query_batcher", "_target_batcher")
@@ -256,7 +264,7 @@ class TrainBatchSource:
             if pil is None:
                 return None
             try:
-                image = process_image(pil, self.image_config)
+                image = patchify(pil, self.image_config)
                 if len(image.patches) > self.patches_per_row:  # smart_resize's 28 px floor on a side
                     raise ValueError(f"{len(image.patches)} patches, over the {self.patches_per_row} of max_pixels")
             except ValueError as e:  # decodes, but no usable shape (e.g. aspect ratio over 200)
@@ -272,7 +280,7 @@ class TrainBatchSource:
         inputs = batcher(examples)
         v, r = vision_rows, self.patches_per_row
         if v and inputs["patch_segment_ids"].shape != (v, r):
-            inputs["pixel_values"] = np.zeros((v, r, batcher.patch_dim), np.float32)
+            inputs["pixel_values"] = np.zeros((v, r, batcher.patch_dim), batcher.pixel_dtype)
             inputs["patch_positions"] = np.zeros((v, r, 2), np.int32)
             inputs["patch_segment_ids"] = np.zeros((v, r), np.int32)
         return inputs

@@ -154,6 +154,9 @@ class Batcher:
     padding_side: str = "right"
     merge_size: int = 2
     patch_dim: int = PATCH_DIM
+    # float32 normalised patches (`process_image`), or uint8 ones (`patchify`, training: the device
+    # normalises) with patch_dim C * P * P.
+    pixel_dtype: str = "float32"
     # Vision row i holds sequence i's images (and nothing else), so a slice of sequences with the
     # same slice of vision rows is a self-contained batch: what GradCache chunks and data sharding
     # need. Off, images pack first-fit into as few rows as possible (inference).
@@ -232,15 +235,16 @@ class Batcher:
         unit = self.merge_size**2
         if not images:
             return {
-                "pixel_values": np.zeros((0, unit, self.patch_dim), dtype=np.float32),
+                "pixel_values": np.zeros((0, unit, self.patch_dim), dtype=self.pixel_dtype),
                 "patch_positions": np.zeros((0, unit, 2), dtype=np.int32),
                 "patch_segment_ids": np.zeros((0, unit), dtype=np.int32),
             }, []
         for img in images:
             n, dim = img.patches.shape
-            if n % unit or dim != self.patch_dim:
+            if n % unit or dim != self.patch_dim or img.patches.dtype != self.pixel_dtype:
                 raise ValueError(
-                    f"image patches of shape {img.patches.shape}: expected (multiple of {unit}, {self.patch_dim})"
+                    f"image patches of shape {img.patches.shape} and dtype {img.patches.dtype}: expected "
+                    f"(multiple of {unit}, {self.patch_dim}) {self.pixel_dtype}"
                 )
         sizes = [img.patches.shape[0] for img in images]
         r = pick_bucket(max(sizes), self.buckets.patches_per_row, "image patch count")
@@ -265,7 +269,7 @@ class Batcher:
             free[row] -= size
         v = pick_bucket(len(free), self.buckets.vision_rows, "packed vision row count")
 
-        pixel_values = np.zeros((v, r, self.patch_dim), dtype=np.float32)
+        pixel_values = np.zeros((v, r, self.patch_dim), dtype=self.pixel_dtype)
         patch_positions = np.zeros((v, r, 2), dtype=np.int32)
         patch_segment_ids = np.zeros((v, r), dtype=np.int32)
         merged_rows = []

@@ -5,7 +5,9 @@ onto white), `smart_resize` to a multiple of 28, PIL bicubic resize on uint8, re
 CLIP normalization, and patchify into (gh*gw, C*T*P*P) rows in 2x2-merge-block-major order. Our
 rescale + normalize is a per-channel 256-entry lookup table built with transformers' own dtype
 sequence (float64 rescale, float32 normalize), so the values are bit-identical while the hot path
-is a single uint8 gather per channel.
+is a single uint8 gather per channel. Training splits the two halves: `patchify` keeps uint8
+patches on the host (1/8 of the bytes through the data pipeline), `normalize_patches` runs the
+same table on the device.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -25,7 +29,10 @@ __all__ = [
     "ImageProcessorConfig",
     "ProcessedImage",
     "load_image",
+    "normalize_patches",
+    "patchify",
     "process_image",
+    "raw_patch_dim",
     "smart_resize",
     "vision_patch_positions",
 ]
@@ -200,7 +207,7 @@ class ImageProcessorConfig:
 class ProcessedImage:
     """One image as the vision tower consumes it."""
 
-    patches: np.ndarray  # float32 (gh*gw, C*T*P*P), block-major over merge x merge blocks
+    patches: np.ndarray  # block-major over merge x merge blocks: float32 (gh*gw, C*T*P*P), or `patchify`'s uint8 (gh*gw, C*P*P)
     grid_thw: tuple[int, int, int]  # (1, gh, gw) in patch units
     merge_size: int = 2
 
@@ -235,32 +242,52 @@ def resized_size(width: int, height: int, config: ImageProcessorConfig) -> tuple
     return smart_resize(height, width, factor=factor, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
 
 
-def process_image(source: ImageSource, config: ImageProcessorConfig | None = None) -> ProcessedImage:
-    """Load and preprocess one image into Qwen2-VL vision patches (matches transformers to float32 bits)."""
+def patchify(source: ImageSource, config: ImageProcessorConfig | None = None) -> ProcessedImage:
+    """Load, resize and patchify one image, keeping its uint8 pixels: patches (gh*gw, C*P*P), one
+    frame (a still image repeats it over T). An eighth of the bytes of `process_image`'s float32
+    patches: what training records carry to the device, which normalises (`normalize_patches`)."""
     config = config or ImageProcessorConfig()
     img = load_image(source)
     if img.width < SMALL_IMAGE_SIDE or img.height < SMALL_IMAGE_SIDE:
         img = img.resize(SMALL_IMAGE_RESIZE, Image.Resampling.BICUBIC)
-    p, m, t = config.patch_size, config.merge_size, config.temporal_patch_size
+    p, m = config.patch_size, config.merge_size
     height, width = resized_size(img.width, img.height, config)
     if (width, height) != img.size:
         img = img.resize((width, height), Image.Resampling.BICUBIC)
     pixels = np.asarray(img)  # (H, W, C) uint8
     channels = pixels.shape[2]
     gh, gw = height // p, width // p
-    n = gh * gw
-    # Patchify the uint8 pixels first (1 byte per element moved), then expand to float32 via the LUT.
     blocks = (
         pixels.reshape(gh // m, m, p, gw // m, m, p, channels)
         .transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, C, P, P)
-        .reshape(n, channels, p * p)
+        .reshape(gh * gw, channels * p * p)
     )
-    lut = _normalize_lut(tuple(config.image_mean), tuple(config.image_std))
-    patches = np.empty((n, channels, t, p * p), dtype=np.float32)
-    for c in range(channels):
-        np.take(lut[c], blocks[:, c], out=patches[:, c, 0])
-    patches[:, :, 1:] = patches[:, :, :1]  # a still image is the same frame repeated over T
-    return ProcessedImage(patches=patches.reshape(n, channels * t * p * p), grid_thw=(1, gh, gw), merge_size=m)
+    return ProcessedImage(patches=blocks, grid_thw=(1, gh, gw), merge_size=m)
+
+
+def raw_patch_dim(config: ImageProcessorConfig, channels: int = 3) -> int:
+    """Width of `patchify`'s uint8 patches: C * P * P (the frame is repeated over T on the device)."""
+    return channels * config.patch_size**2
+
+
+def normalize_patches(raw: Any, config: ImageProcessorConfig) -> Any:
+    """uint8 patches (..., C*P*P) -> the model's float32 patches (..., C*T*P*P): rescale, normalise
+    (the lookup table, so bit-identical to transformers) and repeat the frame over T. Takes numpy
+    or JAX arrays (`jnp` ops on a jax.Array): the same function runs on the host and on the device."""
+    xp = np if isinstance(raw, np.ndarray) else jnp
+    lut = xp.asarray(_normalize_lut(tuple(config.image_mean), tuple(config.image_std)))
+    channels, t = lut.shape[0], config.temporal_patch_size
+    frames = raw.reshape(*raw.shape[:-1], channels, -1)
+    values = lut[xp.arange(channels)[:, None], frames.astype(xp.int32)]  # (..., C, P*P)
+    values = xp.broadcast_to(values[..., None, :], (*values.shape[:-1], t, values.shape[-1]))
+    return values.reshape(*raw.shape[:-1], channels * t * frames.shape[-1])
+
+
+def process_image(source: ImageSource, config: ImageProcessorConfig | None = None) -> ProcessedImage:
+    """Load and preprocess one image into Qwen2-VL vision patches (matches transformers to float32 bits)."""
+    config = config or ImageProcessorConfig()
+    image = patchify(source, config)
+    return ProcessedImage(normalize_patches(image.patches, config), image.grid_thw, image.merge_size)
 
 
 def vision_patch_positions(grid_thw: tuple[int, int, int], merge_size: int = 2) -> np.ndarray:

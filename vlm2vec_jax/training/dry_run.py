@@ -28,7 +28,7 @@ from vlm2vec_jax.data.pipeline import vision_row_patches
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
 from vlm2vec_jax.processing.batching import ShapeSignature
-from vlm2vec_jax.processing.image import ImageProcessorConfig
+from vlm2vec_jax.processing.image import ImageProcessorConfig, raw_patch_dim
 from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
 from vlm2vec_jax.training.loop import CompiledStep, add_adapters, compile_step, master_weights, optimization, split_for_training
 from vlm2vec_jax.training.model_init import RANDOM
@@ -68,7 +68,8 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
 
 
 def abstract_inputs(rows: int, signature: ShapeSignature, patch_dim: int) -> ModelInputs:
-    """ShapeDtypeStructs of a `ModelInputs` (layout and dtypes: `vlm2vec_jax.batch`)."""
+    """ShapeDtypeStructs of a training `ModelInputs` (layout and dtypes: `vlm2vec_jax.batch`;
+    pixels are the pipeline's uint8 patches of `patch_dim` = C * P * P)."""
     length, v, r = signature.length, signature.vision_rows, signature.patches_per_row
     i32 = jnp.int32
     return {
@@ -76,28 +77,33 @@ def abstract_inputs(rows: int, signature: ShapeSignature, patch_dim: int) -> Mod
         "attention_mask": jax.ShapeDtypeStruct((rows, length), i32),
         "position_ids": jax.ShapeDtypeStruct((3, rows, length), i32),
         "image_token_index": jax.ShapeDtypeStruct((rows, length), i32),
-        "pixel_values": jax.ShapeDtypeStruct((v, r, patch_dim), jnp.float32),
+        "pixel_values": jax.ShapeDtypeStruct((v, r, patch_dim), jnp.uint8),
         "patch_positions": jax.ShapeDtypeStruct((v, r, 2), i32),
         "patch_segment_ids": jax.ShapeDtypeStruct((v, r), i32),
     }
+
+
+def image_processor(config: ml_collections.ConfigDict, model: Qwen2VLConfig) -> ImageProcessorConfig:
+    """The image processor the training pipeline would use for `model`'s vision tower."""
+    v = model.vision
+    return ImageProcessorConfig(
+        min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels, patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+    )
 
 
 def abstract_batch(config: ml_collections.ConfigDict, model: Qwen2VLConfig, mesh: Mesh) -> dict[str, Any]:
     """The global batch the pipeline would feed, as sharded ShapeDtypeStructs: every query padded
     to `model.max_len` and every target to `model.target_max_len`, and (MMEB's worst case, which the fixed shapes pay every step) an image on
     every query and target, each in its own vision row of the largest image `max_pixels` allows."""
-    v = model.vision
-    image = ImageProcessorConfig(
-        min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels, patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
-    )
+    image = image_processor(config, model)
     query_len, target_len = config.model.max_len, config.model.target_max_len or config.model.max_len
     patches = vision_row_patches(image, min(query_len, target_len))
     queries = config.train.batch_size
     targets = queries * (1 + config.train.hard_negatives)
     sides = {
-        "query": abstract_inputs(queries, ShapeSignature(queries, query_len, queries, patches), v.patch_dim),
-        "target": abstract_inputs(targets, ShapeSignature(targets, target_len, targets, patches), v.patch_dim),
+        "query": abstract_inputs(queries, ShapeSignature(queries, query_len, queries, patches), raw_patch_dim(image)),
+        "target": abstract_inputs(targets, ShapeSignature(targets, target_len, targets, patches), raw_patch_dim(image)),
     }
     masks = {
         "valid": jax.ShapeDtypeStruct((queries,), jnp.bool_),
@@ -143,7 +149,10 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
     batch = abstract_batch(c, geometry, mesh)
     print(f"dry run: compiling the training step for {t.devices} simulated devices ...", flush=True)
-    step = compile_step(c, graphdef, schedule, optimizer, mesh, abstract, abstract_frozen, batch, jax.random.key(c.seed))
+    step = compile_step(
+        c, graphdef, schedule, optimizer, mesh, abstract, abstract_frozen, batch, jax.random.key(c.seed),
+        image_processor(c, geometry),
+    )
     report = _report(c, mesh, abstract, frozen, batch, step)
     workdir = Path(c.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +176,7 @@ def _report(
     per_device = batch_size_of(mesh)
     queries = batch["valid"].shape[0]
     chunk = c.train.gc_chunk_size
-    step_seconds = step.flops / (t.devices * t.peak_tflops * 1e12 * t.mfu)
+    step_seconds = step.flops.at() / (t.devices * t.peak_tflops * 1e12 * t.mfu)
     return {
         "config": {
             "geometry": c.model.geometry if not c.model.init or c.model.init == RANDOM else c.model.init,
@@ -187,7 +196,7 @@ def _report(
         "compile_seconds": step.seconds,
         "memory_per_device": sizes,
         "fits": sizes["total_gib"] <= t.device_memory_gib,
-        "flops_per_step": step.flops,
+        "flops_per_step": step.flops.at(),
         "projected_step_seconds": step_seconds,
     }
 

@@ -3,16 +3,20 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from vlm2vec_jax.batch import ModelInputs
 from vlm2vec_jax.models.lora import sequence_positions, set_lora_dropout
+from vlm2vec_jax.processing.image import ImageProcessorConfig, normalize_patches
 from vlm2vec_jax.training.chunks import absolute_image_index
 from vlm2vec_jax.training.gradcache import EmbedFn
 
 
-def make_embed_factory(graphdef: nnx.GraphDef, *, dropout: bool):
-    """`make_embed(frozen, step_key) -> embed(params, inputs, example_ids)`. With `dropout`, LoRA
+def make_embed_factory(graphdef: nnx.GraphDef, *, dropout: bool, image_config: ImageProcessorConfig):
+    """`make_embed(frozen, step_key) -> embed(params, inputs, example_ids)`. Pixels arrive as the
+    pipeline's uint8 patches and are normalised here, per chunk, with `image_config`'s mean and
+    std (float patches pass through: the model takes either after this). With `dropout`, LoRA
     dropout masks are keyed by (step key, example id, position in its sequence), so GradCache's
     second pass, packing and any sharding replay the first pass's masks exactly. Padded inputs
     (one sequence per row, `example_ids` (B,)) carry image indices relative to their own vision
@@ -27,6 +31,8 @@ def make_embed_factory(graphdef: nnx.GraphDef, *, dropout: bool):
                 if positions is None:
                     positions = sequence_positions(inputs["attention_mask"])
                 set_lora_dropout(model, key, example_ids, positions)
+            if inputs["pixel_values"].dtype == jnp.uint8:
+                inputs = {**inputs, "pixel_values": normalize_patches(inputs["pixel_values"], image_config)}
             return model(inputs if "pool_index" in inputs else absolute_image_index(inputs))
 
         return embed

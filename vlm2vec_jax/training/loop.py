@@ -43,10 +43,11 @@ from vlm2vec_jax.training.forward import make_embed_factory
 from vlm2vec_jax.training.metrics_log import MetricsLog
 from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir
 from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh
+from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh, uses_shard_map
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
 from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, StepOptions, TrainState, make_train_step, num_chunks
-from vlm2vec_jax.training.throughput import matmul_flops, peak_flops
+from vlm2vec_jax.training.packed_gradcache import executed_trips
+from vlm2vec_jax.training.throughput import StepFlops, peak_flops
 
 log = logging.getLogger(__name__)
 MODES = ("lora", "full")
@@ -102,7 +103,7 @@ class CompiledStep:
     """The compiled training step with what it costs, per the compiler."""
 
     compiled: jax.stages.Compiled
-    flops: float  # matmul FLOPs of one step over the global batch (`throughput.matmul_flops`)
+    flops: StepFlops  # matmul FLOPs of one step over the global batch, by chunk-loop trips
     memory: Any  # `compiled.memory_analysis()`: per-device sizes; None where the backend has none
     seconds: float  # tracing, lowering and compilation
 
@@ -117,13 +118,15 @@ def compile_step(
     frozen: Any,
     batch: dict[str, Any],
     key: jax.Array,
+    image_config: ImageProcessorConfig,
 ) -> CompiledStep:
     """The training step of `config` compiled for these shapes and shardings. `frozen` and `batch`
-    may be placed arrays or ShapeDtypeStructs with shardings (a dry run compiles from shapes only)."""
+    may be placed arrays or ShapeDtypeStructs with shardings (a dry run compiles from shapes only);
+    `image_config` normalises the batch's uint8 pixels on the device."""
     c = config
     dropout = c.train.mode == "lora" and c.lora.dropout > 0
     step = make_train_step(
-        make_embed_factory(graphdef, dropout=dropout), optimizer, schedule,
+        make_embed_factory(graphdef, dropout=dropout, image_config=image_config), optimizer, schedule,
         StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets), mesh, abstract,
         jax.tree.map(lambda x: x.sharding, frozen), batch,
     )
@@ -131,7 +134,7 @@ def compile_step(
     traced = step.trace(abstract, frozen, batch, key)
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - start
-    return CompiledStep(compiled, matmul_flops(traced.jaxpr.jaxpr), compiled.memory_analysis(), seconds)
+    return CompiledStep(compiled, StepFlops.of(traced.jaxpr.jaxpr), compiled.memory_analysis(), seconds)
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -160,12 +163,23 @@ def packing_budget(config: ml_collections.ConfigDict, source: TrainBatchSource, 
     if c.gc_chunk_size == 0 and c.pack_chunks > 1:
         raise ValueError("train.pack_chunks > 1 needs GradCache (train.gc_chunk_size > 0): without it a step is one chunk")
     vision_rows = c.pack_vision_rows or default.vision_rows
+    text_len = c.pack_text_len or default.text_len
     return dataclasses.replace(
         default,
-        text_rows=c.pack_text_rows or default.text_rows,
+        text_len=text_len,
+        # the padded chunk's tokens at the row length asked for
+        text_rows=c.pack_text_rows or -(-default.text_rows * default.text_len // text_len),
         vision_rows=vision_rows if default.vision_rows else 0,
         chunks=c.pack_chunks or default.chunks,
     )
+
+
+def packs(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run packs its batches: `train.packing`, where it can pay off. A packed step saves
+    through the GradCache chunks it skips; without caching the one chunk's shape is the whole cost,
+    so packing then needs explicit budgets (`train.pack_text_rows`, e.g. from a profile)."""
+    t = config.train
+    return bool(t.packing) and (t.gc_chunk_size > 0 or t.pack_text_rows > 0)
 
 
 def device_batch(record: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -252,7 +266,11 @@ class Trainer:
             rope_rule=c.model.position_rule, bad_data=c.data.bad_data,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )
-        self.packing = packing_budget(c, source, self.mesh) if c.train.packing else None
+        self.packing = packing_budget(c, source, self.mesh) if packs(c) else None
+        if c.train.packing and self.packing is None:
+            self._print("train.packing: without GradCache (train.gc_chunk_size=0) a step is one chunk of fixed shape, so "
+                        "packing cannot save compute unless train.pack_text_rows sizes it; running the fixed-shape step")
+        self.image_config = source.image_config
         return make_train_iterator(source, self.start_step, c.data.num_workers, c.data.prefetch)
 
     def _pack(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -266,10 +284,21 @@ class Trainer:
             first_target=host * record["target_valid"].shape[0], global_queries=c.train.batch_size,
         )
 
-    def _compile(self, batch: dict[str, Any]) -> tuple[jax.stages.Compiled, float]:
+    def _trips(self, record: dict[str, Any]) -> float:
+        """Chunk-loop trips of this step (0 for a padded step, whose loops are scans): on many hosts
+        the hosts' shard counts are gathered, since the slowest device sets everyone's pace."""
+        if PACKED not in record:
+            return 0.0
+        counts = record[PACKED]["num_chunks"]
+        if jax.process_count() > 1:
+            counts = multihost_utils.process_allgather(counts, tiled=True)
+        return executed_trips(counts, batch_size_of(self.mesh), uses_shard_map(self.mesh))
+
+    def _compile(self, batch: dict[str, Any]) -> tuple[jax.stages.Compiled, StepFlops]:
         """The compiled step and its model FLOPs (matmuls over the global batch)."""
         step = compile_step(
-            self.config, self.graphdef, self.schedule, self.optimizer, self.mesh, self.abstract, self.frozen, batch, self.key
+            self.config, self.graphdef, self.schedule, self.optimizer, self.mesh, self.abstract, self.frozen, batch, self.key,
+            self.image_config,
         )
         self._print(f"compiled the training step in {step.seconds:.1f} s; per-device memory: {_describe_memory(step.memory)}")
         return step.compiled, step.flops
@@ -283,26 +312,28 @@ class Trainer:
         records = self._records()
         last: dict[str, Any] = {}
         try:
-            step_fn, flops, peak = None, 0.0, peak_flops()
+            step_fn, flops, peak = None, StepFlops(0.0, 0.0), peak_flops()
             progress = tqdm(total=c.train.steps, initial=self.start_step, desc="train", unit="step", disable=not self.is_main)
             tick = time.perf_counter()
             for step in range(self.start_step, c.train.steps):
-                record = next(records)
+                record = self._pack(next(records))
                 self.report = self.report.merge(record.pop("bad_data"))
-                batch = device_batch(self._pack(record), self.mesh)
+                batch = device_batch(record, self.mesh)
                 if step_fn is None:
                     step_fn, flops = self._compile(batch)
                     tick = time.perf_counter()
                 self.state, metrics = self._step(step_fn, batch, step, record["rows"])
+                trips = self._trips(record)
                 now = time.perf_counter()
                 elapsed, tick = now - tick, now
                 metrics.update(
                     examples_per_s=c.train.batch_size / elapsed,
                     tokens_per_s=metrics.pop("tokens") / elapsed,
-                    # A packed step's chunk loop runs a data-dependent count: its FLOPs are not static.
-                    mfu=flops / elapsed / peak if flops and self.packing is None else 0.0,
+                    mfu=flops.at(trips) / elapsed / peak,
                     step_time_s=elapsed,
                 )
+                if PACKED in record:
+                    metrics["packed_chunks"] = trips  # chunks the devices ran (mean over devices), of train.pack_chunks
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
                 done = step + 1

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm2vec_jax.batch import MERGE_UNITS
 from vlm2vec_jax.training.gradcache import EmbedFn, LossFn
@@ -113,3 +114,14 @@ def packed_contrastive_grads(
 
     grads = jax.lax.fori_loop(0, trips, pass2, jax.tree.map(jnp.zeros_like, params))
     return loss, metrics, grads
+
+
+def executed_trips(num_chunks: np.ndarray, devices: int, per_device_loops: bool) -> float:
+    """How many times a step's chunk loops run, for its FLOPs (`throughput.StepFlops.at`), given
+    the batch's `num_chunks` of every device shard (global order). With per-device loops
+    (shard_map) each device runs its own shards' largest count and a loop body's FLOPs count once
+    per device, so this is the mean over devices; under plain jit every shard runs the largest."""
+    counts = np.asarray(num_chunks)
+    if not per_device_loops:
+        return float(counts.max())
+    return float(counts.reshape(devices, -1).max(axis=1).mean())

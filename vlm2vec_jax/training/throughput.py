@@ -7,6 +7,7 @@ what the machine can actually do.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -48,11 +49,12 @@ def peak_flops() -> float:
     return measured_matmul_peak() * jax.process_count()
 
 
-def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+def matmul_flops(jaxpr: jax.extend.core.Jaxpr, while_trips: float = 1.0) -> float:
     """Model FLOPs of a traced program: 2 x MACs of every dot_general and convolution over the
     global batch. Why not XLA's `cost_analysis()`: it counts a loop body once, and the model's
     layers and GradCache's chunks are loops. Scan bodies count `length` times, a cond its largest
-    branch, a shard_map body once per device of its mesh."""
+    branch, a shard_map body once per device of its mesh, and a while loop (a data-dependent trip
+    count: the packed step's chunk loops) `while_trips` times, which the caller knows per batch."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -67,13 +69,32 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
             total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
         subs = [p for v in eqn.params.values() for p in (v if isinstance(v, (tuple, list)) else (v,))
                 if isinstance(p, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
-        counts = [matmul_flops(getattr(sub, "jaxpr", sub)) for sub in subs]
+        counts = [matmul_flops(getattr(sub, "jaxpr", sub), while_trips) for sub in subs]
         if name == "scan":
             total += eqn.params["length"] * sum(counts)
         elif name == "cond":
             total += max(counts, default=0.0)
+        elif name == "while":  # body_jaxpr runs while_trips times; cond_jaxpr holds no matmuls
+            total += while_trips * sum(counts)
         elif name == "shard_map":
             total += eqn.params["mesh"].size * sum(counts)
         else:
             total += sum(counts)
     return total
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    """Matmul FLOPs of a compiled step as `fixed + per_trip * trips`: `trips` is how many times its
+    while loops run (0 for a step without any; the packed step's chunk count, known per batch)."""
+
+    fixed: float
+    per_trip: float
+
+    @classmethod
+    def of(cls, jaxpr: jax.extend.core.Jaxpr) -> StepFlops:
+        fixed = matmul_flops(jaxpr, while_trips=0.0)
+        return cls(fixed, matmul_flops(jaxpr, while_trips=1.0) - fixed)
+
+    def at(self, trips: float = 0.0) -> float:
+        return self.fixed + self.per_trip * trips
