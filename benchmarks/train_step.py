@@ -61,9 +61,10 @@ from vlm2vec_jax.training.state import abstract_train_state, init_train_state, p
 from vlm2vec_jax.training.step import MASKS, SIDES, StepOptions, make_train_step
 from vlm2vec_jax.training.throughput import matmul_flops, measured_matmul_peak
 
+from torch_peer import TorchPeft, adapter_arrays  # benchmarks/torch_peer.py (this folder is sys.path[0])
+
 INSTRUCTION = "Represent the given image with the following question: what is shown in the picture, and how many objects are there? "
 CAPTION = "A photo of a dog running on the green grass in the park. A red car is parked next to a small white house on the street. "
-LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -137,6 +138,7 @@ class Ours:
     def __init__(self, directory: str, args: argparse.Namespace):
         self.args = args
         model = load_pretrained(directory, dtype="float32")
+        self.image_config = ImageProcessorConfig.from_pretrained_dir(directory)
         self.lora = LoRAConfig(args.rank, args.alpha, args.dropout, HF_TARGETS, use_dora=not args.no_dora)
         apply_lora(model, self.lora, nnx.Rngs(args.seed + 1))
         self.graphdef, params, frozen = nnx.split(model, trainable_filter("lora", True), ...)
@@ -156,7 +158,8 @@ class Ours:
 
     def step_fn(self, chunk: int, batch_example: dict, dropout: bool = True):
         return make_train_step(
-            make_embed_factory(self.graphdef, dropout=dropout and self.args.dropout > 0), self.optimizer, self.schedule,
+            make_embed_factory(self.graphdef, dropout=dropout and self.args.dropout > 0, image_config=self.image_config),
+            self.optimizer, self.schedule,
             StepOptions(self.args.temperature, chunk), self.mesh, self.abstract, self.frozen_shardings, batch_example,
         )
 
@@ -171,66 +174,7 @@ class Ours:
 
     def adapters(self) -> dict[str, dict[str, np.ndarray]]:
         """{hf target: {a, b, magnitude}} stacked over layers, from the initial parameters."""
-        out = {}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
-            names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
-            out.setdefault(names[-2], {})[names[-1]] = np.asarray(leaf)
-        return out
-
-
-# --------------------------------------------------------------------------------------- torch
-class TorchPeft:
-    """What a transformers + PEFT user writes for VLM2Vec's step (no GradCache)."""
-
-    def __init__(self, directory: str, args: argparse.Namespace, adapters: dict):
-        from peft import LoraConfig, get_peft_model
-        from transformers import Qwen2VLForConditionalGeneration
-
-        base = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
-        config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, use_dora=not args.no_dora,
-                            target_modules=LM_TARGETS, init_lora_weights=True)
-        self.model = get_peft_model(base, config)
-        self._load_adapters(adapters)
-        self.temperature = args.temperature
-        self.clip_norm = args.clip_norm
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable = sum(p.numel() for p in trainable)
-        self.optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-    def _load_adapters(self, adapters: dict) -> None:
-        """Our initial A, B and DoRA magnitudes into PEFT's modules: identical weights at step 0."""
-        copied = 0
-        with torch.no_grad():
-            for name, module in self.model.named_modules():
-                if not hasattr(module, "lora_A") or "default" not in module.lora_A:
-                    continue
-                target, layer = name.rsplit(".", 1)[-1], int(name.split(".layers.")[1].split(".")[0])
-                ours = adapters[target]
-                module.lora_A["default"].weight.copy_(torch.from_numpy(ours["a"][layer].T.copy()))
-                module.lora_B["default"].weight.copy_(torch.from_numpy(ours["b"][layer].T.copy()))
-                if "magnitude" in ours:
-                    module.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(ours["magnitude"][layer].copy()))
-                copied += 1
-        if copied != len(HF_TARGETS) * len(adapters[HF_TARGETS[0]]["a"]):
-            raise RuntimeError(f"copied {copied} adapters into PEFT's model; expected one per target and layer")
-
-    def embed(self, inputs: dict) -> torch.Tensor:
-        hidden = self.model.base_model.model.model(**inputs, use_cache=False).last_hidden_state
-        last = inputs["attention_mask"].sum(dim=1) - 1  # VLM2Vec's pooling for right padding
-        return torch.nn.functional.normalize(hidden[torch.arange(hidden.shape[0]), last], dim=-1)
-
-    def step(self, batch: dict, train: bool = True) -> float:
-        self.model.train(train)
-        q, t = self.embed(batch["query"]), self.embed(batch["target"])
-        scores = q @ t.T / self.temperature
-        labels = torch.arange(q.shape[0]) * (t.shape[0] // q.shape[0])
-        loss = torch.nn.functional.cross_entropy(scores, labels)
-        loss.backward()
-        if self.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return adapter_arrays(self.params)
 
 
 # ---------------------------------------------------------------------------------------- main
