@@ -3,6 +3,15 @@ not have? The real training step is compiled for the target's mesh on simulated 
 abstract shapes only (no weights are created, no data is read), and the compiler's per-device memory,
 the step's matmul FLOPs and a projected step time are reported (and written to workdir/dry_run.json).
 
+Without `data.profile` the batch is the worst case the fixed shapes pay every step (every sequence
+`max_len` tokens, a largest image on every one) and `flops_executed` is that step's count. With a
+profile (`data/profiles`), representative one-task batches are drawn from it
+(`data/profile_batches.py`) and `flops_useful` says what the model computes for those sequences
+each alone (`model_flops.py`); with `train.packing` the step compiled is the packed one, its budget
+from the profile (`data/profile_budget.py`, `train.pack_*` winning where set), and its executed
+FLOPs count each chunk loop as many times as the drawn batches fill chunks. Every FLOP figure is the
+expectation over the subsets, each weighted by its share of training rows.
+
 The model, adapters, trainable/frozen split, optimizer, state layout and step are the training
 run's own (`loop.add_adapters`, `loop.split_for_training`, `state.abstract_train_state`,
 `loop.compile_step`); only the weights and the batch are shapes here. Caveats the numbers carry:
@@ -13,6 +22,7 @@ context), and the projection assumes an MFU rather than measuring one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,21 +30,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from vlm2vec_jax.batch import ModelInputs
+from vlm2vec_jax.batch import MERGE_UNITS, ModelInputs
+from vlm2vec_jax.data.packing import PackBudget
 from vlm2vec_jax.data.pipeline import vision_row_patches
+from vlm2vec_jax.data.profile import Profile
+from vlm2vec_jax.data.profile_batches import LengthBatch, draw_batches, shard_chunks
+from vlm2vec_jax.data.profile_budget import budget_from_profile
+from vlm2vec_jax.data.profiles import resolve_profile
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
 from vlm2vec_jax.processing.batching import ShapeSignature
 from vlm2vec_jax.processing.image import ImageProcessorConfig, raw_patch_dim
 from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
 from vlm2vec_jax.training.loop import CompiledStep, add_adapters, compile_step, master_weights, optimization, split_for_training
+from vlm2vec_jax.training.model_flops import FlopsModel
 from vlm2vec_jax.training.model_init import RANDOM
-from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh
+from vlm2vec_jax.training.packed_gradcache import executed_trips
+from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh, uses_shard_map
 from vlm2vec_jax.training.state import abstract_train_state, param_shardings
-from vlm2vec_jax.training.step import MASKS, SIDES
+from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, num_chunks
 
 GIB = 2.0**30
 REPORT_FILE = "dry_run.json"
@@ -105,18 +123,72 @@ def abstract_batch(config: ml_collections.ConfigDict, model: Qwen2VLConfig, mesh
         "query": abstract_inputs(queries, ShapeSignature(queries, query_len, queries, patches), raw_patch_dim(image)),
         "target": abstract_inputs(targets, ShapeSignature(targets, target_len, targets, patches), raw_patch_dim(image)),
     }
+    batch = {side: {k: _placed(mesh, k, x) for k, x in sides[side].items()} for side in SIDES}
+    return {**batch, **_masks(mesh, queries, targets)}
+
+
+def _placed(mesh: Mesh, key: str, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, key, x.ndim))
+
+
+def _masks(mesh: Mesh, queries: int, targets: int) -> dict[str, jax.ShapeDtypeStruct]:
     masks = {
         "valid": jax.ShapeDtypeStruct((queries,), jnp.bool_),
         "target_valid": jax.ShapeDtypeStruct((targets,), jnp.bool_),
         "target_key": jax.ShapeDtypeStruct((targets,), jnp.int32),
     }
+    return {m: _placed(mesh, m, masks[m]) for m in MASKS}
 
-    def placed(key: str, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, key, x.ndim))
 
-    batch = {side: {k: placed(k, x) for k, x in sides[side].items()} for side in SIDES}
-    batch.update({m: placed(m, masks[m]) for m in MASKS})
-    return batch
+def abstract_packed_batch(
+    config: ml_collections.ConfigDict, budget: PackBudget, image: ImageProcessorConfig, mesh: Mesh
+) -> dict[str, Any]:
+    """The packed global batch (`data/packing.py`'s layout, one leading entry per device shard, as
+    `loop.device_batch` places it) as sharded ShapeDtypeStructs."""
+    k, c, rt, lt = batch_size_of(mesh), budget.chunks, budget.text_rows, budget.text_len
+    rv, p, s = budget.vision_rows, budget.vision_patches, budget.slots
+    patch_dim = raw_patch_dim(image)
+    pixels = abstract_inputs(1, ShapeSignature(1, 1, 1, MERGE_UNITS), patch_dim)["pixel_values"].dtype  # the pipeline's
+    i32 = jnp.int32
+    text = jax.ShapeDtypeStruct((k, c, rt, lt), i32)
+    packed = {
+        **dict.fromkeys(("input_ids", "attention_mask", "image_token_index", "token_example", "token_position"), text),
+        "position_ids": jax.ShapeDtypeStruct((k, c, 3, rt, lt), i32),
+        "pixel_values": jax.ShapeDtypeStruct((k, c, rv, p, patch_dim), pixels),
+        "patch_positions": jax.ShapeDtypeStruct((k, c, rv, p, 2), i32),
+        "patch_segment_ids": jax.ShapeDtypeStruct((k, c, rv, p), i32),
+        "pool_index": jax.ShapeDtypeStruct((k, c, s), i32),
+        "slot_example": jax.ShapeDtypeStruct((k, c, s), i32),
+        "num_chunks": jax.ShapeDtypeStruct((k,), i32),
+    }
+    queries = config.train.batch_size
+    return {PACKED: {name: _placed(mesh, "", x) for name, x in packed.items()},
+            **_masks(mesh, queries, queries * (1 + config.train.hard_negatives))}
+
+
+def profile_budget(
+    config: ml_collections.ConfigDict, geometry: Qwen2VLConfig, profile: Profile, image: ImageProcessorConfig, mesh: Mesh
+) -> PackBudget:
+    """The packed chunk budget of `config` on `profile`: `budget_from_profile` for one device shard
+    (rows weighed by the recipe's FLOPs formula), with the `train.pack_*` keys winning where set (as
+    the trainer's `packing_budget` does)."""
+    c, m = config.train, config.model
+    costs = FlopsModel(geometry, config.lora.rank)  # relative row costs only: the recipe's formula serves any mode
+    shards = batch_size_of(mesh)
+    queries = c.batch_size // shards
+    query_len, target_len = m.max_len, m.target_max_len or m.max_len
+    budget = budget_from_profile(
+        profile, queries=queries, hard_negatives=c.hard_negatives, gc_chunks=num_chunks(queries, c.gc_chunk_size),
+        max_text_len=max(query_len, target_len), max_patches=vision_row_patches(image, min(query_len, target_len)),
+        text_row_cost=lambda n: float(costs.decoder(n)), vision_row_cost=lambda n: float(costs.vision(n)),
+    )
+    return dataclasses.replace(
+        budget,
+        text_len=c.pack_text_len or budget.text_len,
+        text_rows=c.pack_text_rows or budget.text_rows,
+        vision_rows=(c.pack_vision_rows or budget.vision_rows) if budget.vision_rows else 0,
+        chunks=c.pack_chunks or budget.chunks,
+    )
 
 
 def _count(tree: Any) -> int:
@@ -131,6 +203,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compile the step of `config` for `topology.devices` simulated devices; print the report and
     write it to workdir/dry_run.json. Returns the report."""
     c, t = config, config.topology
+    profile = resolve_profile(c.data.profile)  # first: a bad path fails before anything is built
     simulate_devices(t.devices)
     geometry = model_config(c)
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
@@ -147,13 +220,15 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     abstract_frozen = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen, param_shardings(frozen, mesh)
     )
-    batch = abstract_batch(c, geometry, mesh)
-    print(f"dry run: compiling the training step for {t.devices} simulated devices ...", flush=True)
-    step = compile_step(
-        c, graphdef, schedule, optimizer, mesh, abstract, abstract_frozen, batch, jax.random.key(c.seed),
-        image_processor(c, geometry),
-    )
+    image = image_processor(c, geometry)
+    budget = profile_budget(c, geometry, profile, image, mesh) if profile is not None and c.train.packing else None
+    batch = abstract_batch(c, geometry, mesh) if budget is None else abstract_packed_batch(c, budget, image, mesh)
+    drawn = _drawn(c, profile, budget, mesh) if profile is not None else []  # before compiling: a batch over the budget fails fast
+    layout = "fixed shapes" if budget is None else f"packed on data.profile={c.data.profile}"
+    print(f"dry run: compiling the training step ({layout}) for {t.devices} simulated devices ...", flush=True)
+    step = compile_step(c, graphdef, schedule, optimizer, mesh, abstract, abstract_frozen, batch, jax.random.key(c.seed), image)
     report = _report(c, mesh, abstract, frozen, batch, step)
+    report.update(_flops_report(c, geometry, mesh, step, profile, budget, drawn))
     workdir = Path(c.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -176,7 +251,6 @@ def _report(
     per_device = batch_size_of(mesh)
     queries = batch["valid"].shape[0]
     chunk = c.train.gc_chunk_size
-    step_seconds = step.flops.at() / (t.devices * t.peak_tflops * 1e12 * t.mfu)
     return {
         "config": {
             "geometry": c.model.geometry if not c.model.init or c.model.init == RANDOM else c.model.init,
@@ -184,8 +258,8 @@ def _report(
             "dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "remat": c.model.remat,
             "train_mode": c.train.mode, "dora": c.lora.dora, "lora_rank": c.lora.rank,
             "batch_size": queries, "targets": batch["target_valid"].shape[0], "max_len": c.model.max_len,
-            "target_max_len": batch["target"]["input_ids"].shape[1],
-            "patches_per_image": batch["query"]["patch_segment_ids"].shape[1],
+            "target_max_len": c.model.target_max_len or c.model.max_len,
+            "patches_per_image": batch["query"]["patch_segment_ids"].shape[1] if PACKED not in batch else None,
             "gc_chunk_size": chunk, "gc_chunks_per_device": queries // per_device // chunk if chunk else 0,
         },
         "topology": {k: t[k] for k in ("devices", "device_memory_gib", "peak_tflops", "mfu")},
@@ -196,24 +270,118 @@ def _report(
         "compile_seconds": step.seconds,
         "memory_per_device": sizes,
         "fits": sizes["total_gib"] <= t.device_memory_gib,
-        "flops_per_step": step.flops.at(),
-        "projected_step_seconds": step_seconds,
     }
+
+
+def _weighted(batches: list[LengthBatch], values: list[float]) -> float:
+    return sum(b.weight * v for b, v in zip(batches, values)) / sum(b.weight for b in batches)
+
+
+def _differences(c: ml_collections.ConfigDict, profile: Profile) -> dict[str, dict[str, Any]]:
+    """Settings the profile's lengths depend on where it was written with other values than this
+    config's (its lengths are then those of the other settings: re-profile at these)."""
+    here = {
+        "model.max_len": c.model.max_len, "model.target_max_len": c.model.target_max_len or c.model.max_len,
+        "model.min_pixels": c.model.min_pixels, "model.max_pixels": c.model.max_pixels,
+        "data.positive_prompts": c.data.positive_prompts,
+    }
+    return {k: {"profile": profile.config[k], "config": v} for k, v in here.items() if k in profile.config and profile.config[k] != v}
+
+
+def _drawn(
+    c: ml_collections.ConfigDict, profile: Profile, budget: PackBudget | None, mesh: Mesh
+) -> list[tuple[LengthBatch, np.ndarray | None]]:
+    """The representative batches of `profile` (`profile_batches.draw_batches`: one task each unless
+    `data.homogeneous=False` without a batch file), each with the chunks its device shards fill
+    under `budget` (None for fixed shapes)."""
+    batches = draw_batches(
+        profile, queries=c.train.batch_size, hard_negatives=c.train.hard_negatives,
+        one_task=bool(c.data.homogeneous or c.data.batch_file), seed=c.seed, max_len=c.model.max_len,
+        target_max_len=c.model.target_max_len or c.model.max_len,
+    )
+    return [(b, None if budget is None else shard_chunks(b, budget, batch_size_of(mesh))) for b in batches]
+
+
+def _flops_report(
+    c: ml_collections.ConfigDict, geometry: Qwen2VLConfig, mesh: Mesh, step: CompiledStep, profile: Profile | None,
+    budget: PackBudget | None, drawn: list[tuple[LengthBatch, np.ndarray | None]],
+) -> dict[str, Any]:
+    """`flops_executed` (and with a profile `flops_useful`, their ratio, per-subset figures and the
+    packing budget), `step_seconds` and `recipe_hours` at `topology.mfu`. Without a profile there is
+    no data to count useful work on (a worst-case batch of full-length sequences would call the
+    padding useful), so `flops_useful` is left out."""
+    t = c.topology
+    rate = t.devices * t.peak_tflops * 1e12 * t.mfu
+    out: dict[str, Any] = {"layout": "fixed shapes" if budget is None else "packed",
+                           "flops_fixed": step.flops.fixed, "flops_per_trip": step.flops.per_trip}
+    if profile is None:
+        executed = step.flops.at()
+        out.update(flops_executed=executed)
+    else:
+        shards = batch_size_of(mesh)
+        batches = [b for b, _ in drawn]
+        try:
+            flops_model = FlopsModel.of(c, geometry)
+        except ValueError as e:
+            flops_model, out["flops_useful_note"] = None, str(e)
+        subsets = {}
+        for b, counts in drawn:
+            entry: dict[str, Any] = {"weight": b.weight, "sequences": int(b.tokens.size), "tokens": int(b.tokens.sum()),
+                                     "patches": int(b.patches.sum())}
+            if counts is None:
+                entry["flops_executed"] = step.flops.at()
+            else:
+                trips = executed_trips(counts, shards, uses_shard_map(mesh))
+                entry.update(chunks_per_shard=counts.tolist(), trips=trips, flops_executed=step.flops.at(trips))
+            if flops_model is not None:
+                entry["flops_useful"] = flops_model.sequences(b.tokens, b.patches)
+                entry["ratio"] = entry["flops_executed"] / entry["flops_useful"]
+            subsets[b.subset or "all"] = entry
+        executed = _weighted(batches, [e["flops_executed"] for e in subsets.values()])
+        out.update(flops_executed=executed)
+        if flops_model is not None:
+            useful = _weighted(batches, [e["flops_useful"] for e in subsets.values()])
+            out.update(flops_useful=useful, flops_ratio=executed / useful)
+        out["profile"] = {
+            "source": c.data.profile, "subsets": len(profile.subsets), "differs_from_config": _differences(c, profile),
+            "batches": "one task per batch, each subset weighted by its rows" if len(batches) > 1 else "mixed tasks",
+            "per_subset": subsets,
+        }
+        if budget is not None:
+            out["packing"] = dataclasses.asdict(budget)
+    seconds = executed / rate
+    # flops_per_step / projected_step_seconds: the names earlier reports used, kept for their readers
+    return {**out, "step_seconds": seconds, "recipe_hours": c.train.steps * seconds / 3600,
+            "flops_per_step": executed, "projected_step_seconds": seconds}
 
 
 def _describe(r: dict[str, Any]) -> str:
     c, t, p, m = r["config"], r["topology"], r["parameters"], r["memory_per_device"]
     mesh = " x ".join(f"{k} {v}" for k, v in c["mesh"].items())
     chunks = f"GradCache chunks of {c['gc_chunk_size']} queries per device ({c['gc_chunks_per_device']} per step)" if c["gc_chunk_size"] else "no GradCache"
-    return "\n".join([
+    if "packing" in r:
+        b = r["packing"]
+        shape = (f"packed chunks of {b['text_rows']} x {b['text_len']} tokens and {b['vision_rows']} x "
+                 f"{b['vision_patches']} patches (capacity {b['chunks']} per device)")
+    else:
+        shape = f"{c['max_len']} / {c['target_max_len']} tokens and {c['patches_per_image']} patches each"
+    useful = (f"; useful {r['flops_useful']:.3e} (each sequence alone), executed / useful {r['flops_ratio']:.2f}"
+              if "flops_useful" in r else "")
+    differs = r.get("profile", {}).get("differs_from_config")
+    changed = ", ".join(f"{k} {v['profile']} (here {v['config']})" for k, v in (differs or {}).items())
+    note = [f"note: data.profile was written with other settings: {changed}; its lengths are those settings'"] if differs else []
+    return "\n".join(note + [
         f"geometry {c['geometry']}: {p['frozen'] / 1e9:.3f}B frozen ({p['frozen_gib']:.2f} GiB {c['param_dtype']}), "
         f"{p['trained'] / 1e6:.2f}M trained ({c['train_mode']}{', DoRA' if c['dora'] and c['train_mode'] == 'lora' else ''}; float32 master + AdamW)",
-        f"mesh {mesh} on {t['devices']} devices; batch {c['batch_size']} queries + {c['targets']} targets of {c['max_len']} / {c['target_max_len']} tokens "
-        f"and {c['patches_per_image']} patches each; {chunks}; compute {c['dtype']}, remat {c['remat']}",
+        f"mesh {mesh} on {t['devices']} devices; batch {c['batch_size']} queries + {c['targets']} targets in {shape}; "
+        f"{chunks}; compute {c['dtype']}, remat {c['remat']}",
         f"compiled in {r['compile_seconds']:.1f} s",
         f"per-device memory: arguments {m['arguments_gib']:.2f} GiB, outputs {m['outputs_gib']:.2f}, donated (aliased) "
         f"{m['aliased_gib']:.2f}, temporaries {m['temp_gib']:.2f}; total {m['total_gib']:.2f} GiB of {t['device_memory_gib']:g} GiB: "
         + ("fits" if r["fits"] else "DOES NOT FIT"),
-        f"FLOPs per step (matmuls, global batch): {r['flops_per_step']:.3e}",
-        f"projected step time: {r['projected_step_seconds']:.2f} s at {t['mfu']:.0%} MFU of {t['devices']} x {t['peak_tflops']:g} TFLOP/s",
+        f"FLOPs per step (matmuls, global batch, {r['layout']}"
+        + (f", on data.profile={r['profile']['source']}" if "profile" in r else "")
+        + f"): executed {r['flops_executed']:.3e}{useful}",
+        f"projected step time: {r['step_seconds']:.2f} s at {t['mfu']:.0%} MFU of {t['devices']} x {t['peak_tflops']:g} TFLOP/s; "
+        f"{r['recipe_hours']:.1f} h for the recipe's steps",
     ])
