@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -46,7 +45,7 @@ import optax
 import torch
 from flax import nnx
 
-from vlm2vec_jax.models.lora import HF_TARGETS, LoRAConfig, LoRAParam, apply_lora
+from vlm2vec_jax.models.lora import HF_TARGETS, LoRAConfig, apply_lora
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image

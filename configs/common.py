@@ -82,7 +82,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.positive_prompts = False  # B3's target-side prompts
     c.data.batch_file = ""  # a mined B3 batch file (parquet); "" = random batches
     c.data.homogeneous = True  # random batches of one task each (VLM2Vec's sampler); False = mixed
-    c.data.profile = ""  # dry runs: "" = the worst case the fixed shapes pay; a profile.json written by `python -m vlm2vec_jax.data.profile`, or "mmeb_shape" (built in: the mmeb_shape scale at MMEB's 1280-token image cap). With a profile the dry run reports flops_useful on batches drawn from it, and with train.packing compiles the packed step sized from it
+    c.data.profile = ""  # dry runs: "" = the worst case the fixed shapes pay; a profile.json written by `python -m vlm2vec_jax.data.profile`, or "mmeb_shape" (built in: the mmeb_shape scale at MMEB's 1280-token image cap). With a profile the dry run reports flops_useful on batches drawn from it, and with train.packing both the dry run and training size the packed chunks from it (rows as long as its longest sequence and image; train.pack_* keys win)
     c.data.bad_data = "skip"  # "skip" (mask and count) or "error"
     c.data.num_workers = 2  # grain worker processes building batches; 0 = in the training process
     c.data.prefetch = 2  # batches each worker builds ahead

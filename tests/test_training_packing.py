@@ -148,3 +148,30 @@ def test_packed_step_equals_the_padded_step(step_results: dict, devices: int, ch
         assert max(r["num_chunks"]) <= r["capacity"]
     for fault, error in result["faults"].items():
         assert error > 1e-3, f"injected fault {fault!r} went unseen (gradient error {error})"
+
+
+@pytest.mark.slow
+def test_a_run_sized_by_a_profile_trains_packed(tmp_path, tmp_path_factory) -> None:
+    """`data.profile` sizes the trainer's packed chunks as it sizes the dry run's: a profile of the
+    run's own training set (the profile command's API) gives rows as long as its longest sequence,
+    not `model.max_len`, and every step's batch fits them."""
+    from training_runs import environment, metrics, run_ok, shared_dirs, tail, train_command
+    from vlm2vec_jax.cli_config import parse_config
+    from vlm2vec_jax.data.profile import load_profile, profile_train_set, write_profile
+
+    shared = shared_dirs(tmp_path_factory)
+    max_len = 96  # well above the small scale's longest sequence: rows are 16-token aligned
+    extra = {"train__gc_chunk_size": 2, "train__steps": 3, "checkpoint__every": 0, "model__max_len": max_len}
+    command = train_command(tmp_path / "run", shared, **extra)
+    config = parse_config(["train", *command[command.index("--config") :]], usage="train")
+    path = write_profile(profile_train_set(config), tmp_path / "profile.json")
+    longest = max(int(load_profile(path).lengths(side).max()) for side in ("query", "target"))
+    assert longest + 16 <= max_len  # else the profile could not shorten the rows
+    log = tmp_path / "run.log"
+    run_ok([*command, f"--config.data.profile={path}"], environment(shared), log)
+    text = tail(log, 100_000)
+    assert "packing (from data.profile)" in text, text[-3000:]
+    row = int(text.split("text rows x ")[1].split(" tokens")[0])
+    assert longest <= row < max_len
+    assert [line["step"] for line in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert all(line["packed_chunks"] >= 1 for line in metrics(tmp_path / "run"))

@@ -39,7 +39,6 @@ from vlm2vec_jax.data.packing import PackBudget
 from vlm2vec_jax.data.pipeline import vision_row_patches
 from vlm2vec_jax.data.profile import Profile
 from vlm2vec_jax.data.profile_batches import LengthBatch, draw_batches, shard_chunks
-from vlm2vec_jax.data.profile_budget import budget_from_profile
 from vlm2vec_jax.data.profiles import resolve_profile
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
@@ -48,11 +47,12 @@ from vlm2vec_jax.processing.image import ImageProcessorConfig, raw_patch_dim
 from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
 from vlm2vec_jax.training.loop import CompiledStep, add_adapters, compile_step, master_weights, optimization, split_for_training
 from vlm2vec_jax.training.model_flops import FlopsModel
+from vlm2vec_jax.training.pack_budget import profile_budget
 from vlm2vec_jax.training.model_init import RANDOM
 from vlm2vec_jax.training.packed_gradcache import executed_trips
 from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh, uses_shard_map
 from vlm2vec_jax.training.state import abstract_train_state, param_shardings
-from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, num_chunks
+from vlm2vec_jax.training.step import MASKS, PACKED, SIDES
 
 GIB = 2.0**30
 REPORT_FILE = "dry_run.json"
@@ -164,31 +164,6 @@ def abstract_packed_batch(
     queries = config.train.batch_size
     return {PACKED: {name: _placed(mesh, "", x) for name, x in packed.items()},
             **_masks(mesh, queries, queries * (1 + config.train.hard_negatives))}
-
-
-def profile_budget(
-    config: ml_collections.ConfigDict, geometry: Qwen2VLConfig, profile: Profile, image: ImageProcessorConfig, mesh: Mesh
-) -> PackBudget:
-    """The packed chunk budget of `config` on `profile`: `budget_from_profile` for one device shard
-    (rows weighed by the recipe's FLOPs formula), with the `train.pack_*` keys winning where set (as
-    the trainer's `packing_budget` does)."""
-    c, m = config.train, config.model
-    costs = FlopsModel(geometry, config.lora.rank)  # relative row costs only: the recipe's formula serves any mode
-    shards = batch_size_of(mesh)
-    queries = c.batch_size // shards
-    query_len, target_len = m.max_len, m.target_max_len or m.max_len
-    budget = budget_from_profile(
-        profile, queries=queries, hard_negatives=c.hard_negatives, gc_chunks=num_chunks(queries, c.gc_chunk_size),
-        max_text_len=max(query_len, target_len), max_patches=vision_row_patches(image, min(query_len, target_len)),
-        text_row_cost=lambda n: float(costs.decoder(n)), vision_row_cost=lambda n: float(costs.vision(n)),
-    )
-    return dataclasses.replace(
-        budget,
-        text_len=c.pack_text_len or budget.text_len,
-        text_rows=c.pack_text_rows or budget.text_rows,
-        vision_rows=(c.pack_vision_rows or budget.vision_rows) if budget.vision_rows else 0,
-        chunks=c.pack_chunks or budget.chunks,
-    )
 
 
 def _count(tree: Any) -> int:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from vlm2vec_jax.cli_config import dump_config
 from vlm2vec_jax.data.bad_data import BadDataReport
-from vlm2vec_jax.data.packing import PackBudget, pack_record
+from vlm2vec_jax.data.packing import pack_record
+from vlm2vec_jax.data.profiles import resolve_profile
 from vlm2vec_jax.data.pipeline import TrainBatchSource, make_train_iterator
 from vlm2vec_jax.data.registry import eval_datasets
 from vlm2vec_jax.embedder import Embedder
@@ -42,10 +43,11 @@ from vlm2vec_jax.training.checkpoint import Checkpointer
 from vlm2vec_jax.training.forward import make_embed_factory
 from vlm2vec_jax.training.metrics_log import MetricsLog
 from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir
+from vlm2vec_jax.training.pack_budget import packing_budget, packs
 from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh, uses_shard_map
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
-from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, StepOptions, TrainState, make_train_step, num_chunks
+from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, StepOptions, TrainState, make_train_step
 from vlm2vec_jax.training.packed_gradcache import executed_trips
 from vlm2vec_jax.training.throughput import StepFlops, peak_flops
 
@@ -150,38 +152,6 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def packing_budget(config: ml_collections.ConfigDict, source: TrainBatchSource, mesh: jax.sharding.Mesh) -> PackBudget:
-    """The packed chunk shapes of a run: `train.pack_*` keys where set, else `PackBudget.covering`
-    the padded layout of one device shard (configs/common.py)."""
-    c, shards = config.train, batch_size_of(mesh)
-    queries, targets = c.batch_size // shards, c.batch_size * (1 + c.hard_negatives) // shards
-    default = PackBudget.covering(
-        queries=queries, targets=targets, query_len=source.max_len, target_len=source.target_max_len,
-        patches_per_row=source.patches_per_row, query_images=source.query_vision_rows > 0,
-        target_images=source.target_vision_rows > 0, gc_chunks=num_chunks(queries, c.gc_chunk_size),
-    )
-    if c.gc_chunk_size == 0 and c.pack_chunks > 1:
-        raise ValueError("train.pack_chunks > 1 needs GradCache (train.gc_chunk_size > 0): without it a step is one chunk")
-    vision_rows = c.pack_vision_rows or default.vision_rows
-    text_len = c.pack_text_len or default.text_len
-    return dataclasses.replace(
-        default,
-        text_len=text_len,
-        # the padded chunk's tokens at the row length asked for
-        text_rows=c.pack_text_rows or -(-default.text_rows * default.text_len // text_len),
-        vision_rows=vision_rows if default.vision_rows else 0,
-        chunks=c.pack_chunks or default.chunks,
-    )
-
-
-def packs(config: ml_collections.ConfigDict) -> bool:
-    """Whether a run packs its batches: `train.packing`, where it can pay off. A packed step saves
-    through the GradCache chunks it skips; without caching the one chunk's shape is the whole cost,
-    so packing then needs explicit budgets (`train.pack_text_rows`, e.g. from a profile)."""
-    t = config.train
-    return bool(t.packing) and (t.gc_chunk_size > 0 or t.pack_text_rows > 0)
-
-
 def device_batch(record: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """This host's slice of a global batch -> global arrays sharded over the batch axes (a packed
     record's arrays by their leading device-shard axis)."""
@@ -209,6 +179,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         c = self.config
+        self.profile = resolve_profile(c.data.profile)  # first: a bad path fails before any work
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             dump_config(c, self.workdir / "config.json")
@@ -220,6 +191,7 @@ class Trainer:
             c.model.init if c.model.init == RANDOM else "hf", self.model_dir, seed=c.seed,
             dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
         )
+        self.model_config = model.config
         add_adapters(model, c)
         self.graphdef, params, frozen = split_for_training(model, c)
         params = master_weights(params)
@@ -266,7 +238,12 @@ class Trainer:
             rope_rule=c.model.position_rule, bad_data=c.data.bad_data,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )
-        self.packing = packing_budget(c, source, self.mesh) if packs(c) else None
+        self.packing = packing_budget(c, source, self.mesh, self.model_config, self.profile) if packs(c) else None
+        if self.packing is not None:
+            b = self.packing
+            self._print(f"packing ({'from data.profile' if self.profile else 'covering the padded chunks'}): per chunk "
+                        f"{b.text_rows} text rows x {b.text_len} tokens, {b.vision_rows} vision rows x {b.vision_patches} "
+                        f"patches; up to {b.chunks} chunks per device shard")
         if c.train.packing and self.packing is None:
             self._print("train.packing: without GradCache (train.gc_chunk_size=0) a step is one chunk of fixed shape, so "
                         "packing cannot save compute unless train.pack_text_rows sizes it; running the fixed-shape step")

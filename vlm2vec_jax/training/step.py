@@ -20,7 +20,6 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlm2vec_jax.batch import ModelInputs
 from vlm2vec_jax.training.chunks import relative_image_index, row_axis
 from vlm2vec_jax.training.gradcache import EmbedFn, contrastive_grads
 from vlm2vec_jax.training.loss import infonce
