@@ -1,4 +1,5 @@
-"""Embedder.encode equals transformers' own pipeline item by item, and is independent of batching."""
+"""Embedder.encode equals transformers' own pipeline item by item, packed (the default) or not, and
+is independent of batching (more on packing in test_embedder_packing.py)."""
 
 import numpy as np
 import pytest
@@ -39,7 +40,10 @@ def expected(hf):
     return np.stack([hf_embedding(hf, text, images) for _, text, images in CASES])
 
 
-def test_encode_matches_transformers(embedder, expected):
+@pytest.mark.parametrize("packing", [True, False])
+def test_encode_matches_transformers(tiny_ckpt, embedder, expected, packing):
+    if not packing:
+        embedder = Embedder.from_pretrained(tiny_ckpt, packing=False)
     vectors = embedder.encode([item for item, _, _ in CASES], batch_size=4)
     assert vectors.shape == (len(CASES), embedder.dim) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
@@ -55,7 +59,7 @@ def test_vector_does_not_depend_on_batch(embedder, expected, batch_size):
 
 
 def test_left_padding_gives_the_same_vectors(tiny_ckpt, expected):
-    left = Embedder.from_pretrained(tiny_ckpt, padding_side="left")
+    left = Embedder.from_pretrained(tiny_ckpt, padding_side="left", packing=False)  # packed rows have no side
     np.testing.assert_allclose(left.encode([item for item, _, _ in CASES], batch_size=3), expected, atol=ATOL, rtol=0)
 
 

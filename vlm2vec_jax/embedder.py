@@ -5,9 +5,11 @@
     vectors = embedder.encode(["a caption", {"image": "cat.png", "text": "<|image_pad|> Represent the image."}])
 
 Speed comes from the whole path, not only the model: items are preprocessed on host threads while
-the previous batches run (JAX dispatch is asynchronous), items of similar length are batched
-together (little padding), and every shape is bucketed (a handful of compilations for any stream).
-An item's vector does not depend on its batch: positions are per sequence and padding is masked.
+the previous batches run (JAX dispatch is asynchronous), batches are packed (several items per text
+row, first-fit by decreasing length, `processing.packed_batching`: a batch of short items costs what
+its tokens cost), and every shape is bucketed (a handful of compilations for any stream). An item's
+vector does not depend on its batch: positions are per sequence, attention stays inside it, and
+padding is masked. `packing=False` gives one item per row, items of similar length batched together.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vlm2vec_jax.batch import ModelInputs
 from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image
+from vlm2vec_jax.processing.packed_batching import PackedBatcher
 from vlm2vec_jax.processing.rope_index import ROPE_RULES
 from vlm2vec_jax.processing.text import TextProcessor, with_image_placeholder
 
@@ -45,6 +47,9 @@ IN_FLIGHT_BATCHES = 4
 class Embedder:
     """Encodes items with a Qwen2-VL embedding model (last-token pooling, unit vectors)."""
 
+    # Text rows of a packed batch are a multiple of this (a data-parallel mesh's device count).
+    rows_multiple: int = 1
+
     def __init__(
         self,
         model: Qwen2VL,
@@ -55,6 +60,7 @@ class Embedder:
         padding_side: str = "right",
         source_dir: str | Path | None = None,
         num_threads: int | None = None,
+        packing: bool = True,
     ):
         if position_rule not in ROPE_RULES:
             raise ValueError(f"position_rule must be one of {ROPE_RULES}, got {position_rule!r}")
@@ -63,11 +69,14 @@ class Embedder:
         self.image_config = image_config
         self.position_rule = position_rule
         self.padding_side = padding_side
+        self.packing = packing
         self.source_dir = Path(source_dir) if source_dir is not None else None
         self.num_threads = num_threads or min(8, os.cpu_count() or 1)
         max_patches = image_config.max_pixels // image_config.patch_size**2
         self._max_len = text.max_len or DEFAULT_MAX_LEN
         self._max_patches = max_patches
+        self._batchers: dict[int, Batcher] = {}  # by rows
+        self._packers: dict[int, PackedBatcher] = {}  # by max rows
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state).embed(batch))
@@ -85,6 +94,7 @@ class Embedder:
         position_rule: str = "hf5",
         padding_side: str = "right",
         num_threads: int | None = None,
+        packing: bool = True,
     ) -> Embedder:
         """Load weights, tokenizer and image-processor settings from a local Hugging Face directory.
 
@@ -92,7 +102,8 @@ class Embedder:
         (default: `dtype`). `max_len` truncates text (never image tokens); `min_pixels`/`max_pixels`
         override the checkpoint's preprocessor_config.json. `position_rule` "hf5" is transformers
         5.x's M-RoPE; "legacy" reproduces released VLM2Vec checkpoints (image tokens without
-        `<|vision_start|>` get 1-D positions).
+        `<|vision_start|>` get 1-D positions). `packing` False batches one item per text row
+        (`padding_side` matters only then).
         """
         model = load_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
         text = TextProcessor.from_pretrained_dir(directory, max_len=max_len)
@@ -104,7 +115,7 @@ class Embedder:
         image_config = ImageProcessorConfig.from_pretrained_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels)
         return cls(
             model, text, image_config, position_rule=position_rule, padding_side=padding_side,
-            source_dir=directory, num_threads=num_threads,
+            source_dir=directory, num_threads=num_threads, packing=packing,
         )
 
     @property
@@ -122,6 +133,7 @@ class Embedder:
         An item is a string, or a dict with "text" and/or "image" (path, bytes, PIL image or uint8
         array; or a list of them, one placeholder each). An image whose text has no placeholder gets
         `<|image_pad|>` and a newline prepended, MMEB's layout (image first, then the instruction).
+        `batch_size` is the text rows of a batch: packed, each row holds as many items as fit.
         """
         items = list(items)
         out = np.empty((len(items), self.dim), np.float32)
@@ -130,43 +142,61 @@ class Embedder:
 
             def collect(keep: int) -> None:
                 while len(in_flight) > keep:
-                    rows, vectors = in_flight.popleft()
-                    out[rows] = np.asarray(vectors)[: len(rows)]
-                    progress.update(len(rows))
+                    owners, vectors = in_flight.popleft()
+                    real = owners >= 0
+                    out[owners[real]] = np.asarray(vectors)[real]
+                    progress.update(int(real.sum()))
 
-            for rows, batch in self.batches(items, batch_size):
-                in_flight.append((rows, self.embed_batch(batch)))
+            for owners, batch in self.batches(items, batch_size):
+                in_flight.append((owners, self.embed_batch(batch)))
                 # Dispatch is asynchronous: the host prepares the next batches while these run.
                 collect(keep=IN_FLIGHT_BATCHES)
             collect(keep=0)
         return out
 
-    def embed_batch(self, batch: ModelInputs) -> jax.Array:
-        """Unit vectors (B, D) of one built batch; returns immediately (asynchronous dispatch)."""
+    def embed_batch(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
+        """Unit vectors (one per row, or per slot when packed) of one built batch; returns
+        immediately (asynchronous dispatch)."""
         return self._forward(self._state, batch)
 
-    def batches(self, items: Sequence[Item], batch_size: int) -> Iterator[tuple[np.ndarray, ModelInputs]]:
-        """Bucketed batches with the indices of the items each holds. Full batches have
-        `batch_size` rows; a short last batch is padded to the next power of two only, so encoding
-        one item costs one row. Items are preprocessed a chunk at a time and sorted by length within
-        it: batches carry little padding and host memory stays bounded."""
-        batchers: dict[int, Batcher] = {}
-
-        def batcher_for(count: int) -> Batcher:
-            rows = min(batch_size, 1 << (count - 1).bit_length())
-            if rows not in batchers:
-                buckets = BucketSpec.default(self._max_len, self._max_patches, batch_size=rows)
-                batchers[rows] = Batcher.from_text_processor(self.text, buckets, padding_side=self.padding_side)
-            return batchers[rows]
-
+    def batches(self, items: Sequence[Item], batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Bucketed batches, each with the index of the item behind every vector the model returns
+        for it (-1 for padding rows and empty slots). Items are preprocessed a chunk at a time
+        (host memory stays bounded) and batched longest first within it. Packed: `batch_size`
+        text rows of the bucketed length of the batch's longest item, filled first-fit by
+        decreasing length (`PackedBatcher.groups`); unpacked: `batch_size` items, one per row.
+        A short last batch is padded to the next power of two rows only, so one item costs one row."""
         chunk = batch_size * CHUNK_BATCHES
         with ThreadPoolExecutor(self.num_threads) as pool:
             for start in range(0, len(items), chunk):
                 prepared = self._prepare(items, range(start, min(start + chunk, len(items))), pool)
-                order = sorted(prepared, key=lambda i: -prepared[i].input_ids.size)
-                for first in range(0, len(order), batch_size):
-                    rows = np.asarray(order[first : first + batch_size])
-                    yield rows, batcher_for(len(rows))([prepared[i] for i in rows])
+                indices = np.fromiter(prepared, np.int64, len(prepared))
+                build = self._packed if self.packing else self._padded
+                yield from build(indices, [prepared[i] for i in indices], batch_size)
+
+    def _packed(self, indices: np.ndarray, examples: list[Example], batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        max_rows = -(-batch_size // self.rows_multiple) * self.rows_multiple
+        if max_rows not in self._packers:
+            padded = Batcher.from_text_processor(self.text, BucketSpec.default(self._max_len, self._max_patches))
+            self._packers[max_rows] = PackedBatcher(padded, max_rows, rows_multiple=self.rows_multiple)
+        packer = self._packers[max_rows]
+        for group in packer.groups([e.input_ids.size for e in examples]):
+            packed = packer([examples[k] for k in group])
+            owners = np.full(packed.inputs["pool_positions"].size, -1, np.int64)
+            owners[packed.slots] = indices[group]
+            yield owners, packed.inputs
+
+    def _padded(self, indices: np.ndarray, examples: list[Example], batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        order = np.argsort([-e.input_ids.size for e in examples], kind="stable")
+        for first in range(0, len(order), batch_size):
+            group = order[first : first + batch_size]
+            rows = min(batch_size, 1 << (len(group) - 1).bit_length())
+            if rows not in self._batchers:
+                buckets = BucketSpec.default(self._max_len, self._max_patches, batch_size=rows)
+                self._batchers[rows] = Batcher.from_text_processor(self.text, buckets, padding_side=self.padding_side)
+            owners = np.full(rows, -1, np.int64)
+            owners[: len(group)] = indices[group]
+            yield owners, self._batchers[rows]([examples[k] for k in group])
 
     def _prepare(self, items: Sequence[Item], indices: range, pool: ThreadPoolExecutor) -> dict[int, Example]:
         """Images decoded and patchified on host threads, texts tokenized in one batched call."""

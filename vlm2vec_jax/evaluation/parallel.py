@@ -17,7 +17,7 @@ XLA needs a vision row on another device it moves it, so the vectors equal the o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -27,7 +27,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from vlm2vec_jax.batch import ModelInputs
 from vlm2vec_jax.embedder import Embedder, Item
 
 __all__ = ["DATA_AXIS", "DataParallelEmbedder", "host_local_copy"]
@@ -38,7 +37,7 @@ _ROW_AXIS = {"position_ids": 1}
 
 
 @partial(jax.jit, static_argnums=0)
-def _embed(graphdef: nnx.GraphDef, state: nnx.State, batch: ModelInputs) -> jax.Array:
+def _embed(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, np.ndarray]) -> jax.Array:
     # Module level with a static graphdef: every DataParallelEmbedder of the same architecture (a new
     # one per evaluation during training) reuses the compiled programs.
     return nnx.merge(graphdef, state).embed(batch)
@@ -63,8 +62,10 @@ class DataParallelEmbedder(Embedder):
         super().__init__(
             embedder.model, embedder.text, embedder.image_config, position_rule=embedder.position_rule,
             padding_side=embedder.padding_side, source_dir=embedder.source_dir, num_threads=embedder.num_threads,
+            packing=embedder.packing,
         )
         devices = list(devices if devices is not None else jax.local_devices())
+        self.rows_multiple = len(devices)  # every packed batch splits over the mesh
         # Auto axis type: jax 0.10 defaults to Explicit, under which sharding propagation raises.
         self.mesh: Mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
         self._graphdef, state = nnx.split(self.model)
@@ -87,8 +88,9 @@ class DataParallelEmbedder(Embedder):
             out[h::hosts] = gathered[h, : len(rows)]
         return out
 
-    def embed_batch(self, batch: ModelInputs) -> jax.Array:
-        """Unit vectors (B, D) of one built batch, computed over the mesh; returns immediately."""
+    def embed_batch(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
+        """Unit vectors of one built batch (`Embedder.embed_batch`), computed over the mesh; returns
+        immediately."""
         placed = {key: jax.device_put(value, self._sharding(key, value)) for key, value in batch.items()}
         return _embed(self._graphdef, self._replicated_state, placed)
 

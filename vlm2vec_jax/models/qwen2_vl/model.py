@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm2vec_jax.models.pooling import l2_normalize, last_token_pool
+from vlm2vec_jax.models.pooling import l2_normalize, last_token_index, last_token_pool
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.text import TextDecoder
 from vlm2vec_jax.models.qwen2_vl.vision import VisionTower
@@ -50,6 +50,11 @@ class Qwen2VL(nnx.Module):
         return l2_normalize(last_token_pool(hidden, batch["attention_mask"]))
 
     def embed(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """The same embeddings for inference, with the last layer computed for the pooled token only."""
-        states = self.language_model.last_token_states(self.input_embeddings(batch), batch["attention_mask"], batch["position_ids"])
-        return l2_normalize(states)
+        """The same embeddings for inference, with the last layer computed for the pooled tokens
+        only: (B, D) from each row's last real token, or, for packed inference rows
+        (`processing.packed_batching`), (B * Q, D) from the columns `pool_positions` (B, Q) names
+        in each row (row-major: vector b * Q + j is row b's j-th segment)."""
+        mask = batch["attention_mask"]
+        query_index = batch["pool_positions"] if "pool_positions" in batch else last_token_index(mask)[:, None]
+        states = self.language_model.pooled_states(self.input_embeddings(batch), mask, batch["position_ids"], query_index)
+        return l2_normalize(states.reshape(-1, states.shape[-1]))

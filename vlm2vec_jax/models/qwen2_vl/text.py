@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm2vec_jax.models.pooling import last_token_index
 from vlm2vec_jax.models.qwen2_vl.config import TextConfig
 from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, attention, create_stack, linear, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, mrope
@@ -32,8 +31,8 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, x: jnp.ndarray, mask: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, query_index: jnp.ndarray | None = None
     ) -> jnp.ndarray:
-        """(B, L, D) -> (B, L, D); with `query_index` (B,), only that row of each sequence is computed
-        (keys and values still cover every token) and the result is (B, 1, D)."""
+        """(B, L, D) -> (B, L, D); with `query_index` (B, Q), only those Q tokens of each row are
+        computed (keys and values still cover every token) and the result is (B, Q, D)."""
         batch, length, _ = x.shape
         n, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
@@ -41,9 +40,8 @@ class DecoderLayer(nnx.Module):
         v = qkv[..., (n + kv) * hd :].reshape(batch, length, kv, hd)
         q, q_cos, q_sin = qkv[..., : n * hd], cos, sin
         if query_index is not None:
-            rows = query_index[:, None]
-            x, q, q_cos, q_sin = (jnp.take_along_axis(a, rows[..., None], axis=1) for a in (x, q, cos, sin))
-            mask = jnp.take_along_axis(mask, rows[:, None, :, None], axis=2)
+            x, q, q_cos, q_sin = (jnp.take_along_axis(a, query_index[..., None], axis=1) for a in (x, q, cos, sin))
+            mask = jnp.take_along_axis(mask, query_index[:, None, :, None], axis=2)
         queries = x.shape[1]
         q = apply_rotary(q.reshape(batch, queries, n, hd), q_cos, q_sin)
         x = x + self.o_proj(attention(q, k, v, mask).reshape(batch, queries, n * hd))
@@ -89,9 +87,12 @@ class TextDecoder(nnx.Module):
         x = scan_stack(self.layers, embeds, *self._mask_and_rope(attention_mask, position_ids), remat=self.remat)
         return self.norm(x)
 
-    def last_token_states(self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> jnp.ndarray:
-        """Final hidden state (B, D) of each row's last real token, for inference: the last layer
-        computes only that token (its MLP and output projection skip the other L - 1 rows). Layers
+    def pooled_states(
+        self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray, query_index: jnp.ndarray
+    ) -> jnp.ndarray:
+        """Final hidden states (B, Q, D) of the tokens `query_index` (B, Q) names in each row (the
+        pooled tokens: a row's last token, or each packed segment's), for inference: the last layer
+        computes only those tokens (its MLP and output projection skip the other rows). Layers
         are indexed in a loop rather than scanned over, so the stack is never sliced (copied);
         gradients through this path would accumulate poorly, hence training uses `__call__`."""
         mask, cos, sin = self._mask_and_rope(attention_mask, position_ids)
@@ -102,5 +103,4 @@ class TextDecoder(nnx.Module):
 
         last = self.cfg.num_layers - 1
         x = jax.lax.fori_loop(0, last, lambda i, x: layer(i)(x, mask, cos, sin), embeds)
-        x = layer(last)(x, mask, cos, sin, query_index=last_token_index(attention_mask))
-        return self.norm(x[:, 0])
+        return self.norm(layer(last)(x, mask, cos, sin, query_index=query_index))
