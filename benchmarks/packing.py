@@ -73,10 +73,9 @@ from vlm2vec_jax.training import data_setup  # noqa: E402
 from vlm2vec_jax.training.loop import Trainer, compile_step, device_batch  # noqa: E402
 from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir  # noqa: E402
 
+from accelerator_step import SMALL  # noqa: E402  (the "small" widths both benchmarks run)
 from torch_peer import TorchEncoder, TorchPeft, adapter_arrays, torch_gradcache_batch  # noqa: E402
 
-SMALL = dict(text_hidden=512, text_layers=4, heads=8, kv_heads=2, intermediate=1536, vision_dim=256, vision_depth=4,
-             vision_heads=4, vocab_size=4096)
 NAMES = {False: "padded", True: "packed"}
 LOSS_TOLERANCE = 1e-4  # float32, same weights, dropout off
 
