@@ -45,10 +45,9 @@ from vlm2vec_jax.training.metrics_log import MetricsLog
 from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir
 from vlm2vec_jax.training.pack_budget import packing_budget, packs
 from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh, uses_shard_map
+from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
 from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, StepOptions, TrainState, make_train_step
-from vlm2vec_jax.training.packed_gradcache import executed_trips
 from vlm2vec_jax.training.throughput import StepFlops, peak_flops
 
 log = logging.getLogger(__name__)
@@ -261,16 +260,6 @@ class Trainer:
             first_target=host * record["target_valid"].shape[0], global_queries=c.train.batch_size,
         )
 
-    def _trips(self, record: dict[str, Any]) -> float:
-        """Chunk-loop trips of this step (0 for a padded step, whose loops are scans): on many hosts
-        the hosts' shard counts are gathered, since the slowest device sets everyone's pace."""
-        if PACKED not in record:
-            return 0.0
-        counts = record[PACKED]["num_chunks"]
-        if jax.process_count() > 1:
-            counts = multihost_utils.process_allgather(counts, tiled=True)
-        return executed_trips(counts, batch_size_of(self.mesh), uses_shard_map(self.mesh))
-
     def _compile(self, batch: dict[str, Any]) -> tuple[jax.stages.Compiled, StepFlops]:
         """The compiled step and its model FLOPs (matmuls over the global batch)."""
         step = compile_step(
@@ -300,17 +289,15 @@ class Trainer:
                     step_fn, flops = self._compile(batch)
                     tick = time.perf_counter()
                 self.state, metrics = self._step(step_fn, batch, step, record["rows"])
-                trips = self._trips(record)
                 now = time.perf_counter()
                 elapsed, tick = now - tick, now
                 metrics.update(
                     examples_per_s=c.train.batch_size / elapsed,
                     tokens_per_s=metrics.pop("tokens") / elapsed,
-                    mfu=flops.at(trips) / elapsed / peak,
+                    # a packed step's chunk loops ran `packed_chunks` times (the step reports it); 0 for scans
+                    mfu=flops.at(metrics.get("packed_chunks", 0.0)) / elapsed / peak,
                     step_time_s=elapsed,
                 )
-                if PACKED in record:
-                    metrics["packed_chunks"] = trips  # chunks the devices ran (mean over devices), of train.pack_chunks
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
                 done = step + 1

@@ -115,6 +115,9 @@ def make_train_step(
                 make_embed(frozen, key), loss_fn, params, batch[PACKED], num_queries=global_queries,
                 num_examples=global_queries + global_targets, caching=chunks > 0, axes=axes,
             )
+            # The chunks this device's loops ran (its shards' largest count); the pmean below makes it
+            # the mean over devices under shard_map, what `StepFlops.at` takes (executed_trips).
+            metrics = {**metrics, "packed_chunks": jnp.max(batch[PACKED]["num_chunks"]).astype(jnp.float32)}
         else:
             query, target = (relative_image_index(batch[s]) for s in SIDES)
             q_rows, t_rows = batch["valid"].shape[0], batch["target_valid"].shape[0]
