@@ -7,7 +7,7 @@ length into text rows of one bucketed length:
 
 - each sequence is a segment of its row (ids 1, 2, ... in ``attention_mask``, 0 = padding) with
   its own M-RoPE positions, so the decoder attends causally within a segment only
-  (`segment_causal_mask`);
+  (`models/attention.py`);
 - ``pool_positions`` int32 (rows, Q): the column of each segment's last token, Q slots per row
   (empty slots name column 0, their vectors are dropped); `Qwen2VL.embed` returns (rows * Q, D);
 - images are packed whole into vision rows by the `Batcher` (first-fit, largest first, told apart

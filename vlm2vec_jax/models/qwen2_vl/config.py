@@ -15,6 +15,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from vlm2vec_jax.models.attention import IMPLEMENTATIONS
+
 ARCHITECTURE = "Qwen2VLForConditionalGeneration"
 MODEL_TYPE = "qwen2_vl"
 
@@ -80,7 +82,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
-    """Geometry, special token ids and run-time numerics (dtypes, rematerialisation)."""
+    """Geometry, special token ids and run-time numerics (dtypes, rematerialisation, attention kernel)."""
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
@@ -92,6 +94,7 @@ class Qwen2VLConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"  # the attention kernel (models/attention.py): auto, dense, xla, splash
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -107,7 +110,7 @@ class Qwen2VLConfig:
     # ----------------------------------------------------------------------------- HF config.json
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json", **options: Any) -> Qwen2VLConfig:
-        """Parse either config.json layout; `options` sets dtype, param_dtype, remat."""
+        """Parse either config.json layout; `options` sets dtype, param_dtype, remat, attention."""
         architectures = raw.get("architectures") or []
         model_type = raw.get("model_type")
         if model_type != MODEL_TYPE and ARCHITECTURE not in architectures:
@@ -179,6 +182,8 @@ class Qwen2VLConfig:
         """Reject geometries the kernels cannot run, with the reason."""
         t, v = self.text, self.vision
         problems = []
+        if self.attention not in IMPLEMENTATIONS:
+            problems.append(f"attention {self.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
         if t.hidden_size % t.num_heads:
             problems.append(f"hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_heads}")
         if t.num_heads % t.num_kv_heads:

@@ -111,13 +111,17 @@ def load_pretrained(
     dtype: str = "float32",
     param_dtype: str | None = None,
     remat: bool = False,
+    attention: str = "auto",
     sharding_for: ShardingFor | None = None,
 ) -> Qwen2VL:
     """A Qwen2VL with the directory's weights. `param_dtype` (default: `dtype`) is the storage
-    dtype the tensors are converted to while loading; `sharding_for(path)` may place each leaf
+    dtype the tensors are converted to while loading, `attention` the kernel (`models/attention.py`);
+    `sharding_for(path)` may place each leaf
     (e.g. sharded over a mesh, on one host or many); by default leaves go to the default device."""
     directory = Path(directory)
-    config = Qwen2VLConfig.from_pretrained_dir(directory, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+    config = Qwen2VLConfig.from_pretrained_dir(
+        directory, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat, attention=attention
+    )
     abstract = nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     leaf_shapes = {tuple(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(abstract_state)}

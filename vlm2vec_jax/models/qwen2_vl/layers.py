@@ -48,31 +48,6 @@ def linear(din: int, dout: int, *, bias: bool, dtype: jnp.dtype, param_dtype: jn
     )
 
 
-def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """Softmax attention, q (B, T, N, H), k/v (B, S, K, H) with K dividing N (grouped queries),
-    boolean mask broadcastable to (B, 1, T, S). Logits and softmax in float32; a fully masked row
-    gives a finite (uniform) result, never NaN, so padding rows are safe.
-
-    Heads are moved to the front once and the G = N/K query heads sharing a key head are stacked
-    along the query axis, so both products are plain batched matmuls over (B, K) with no repeated
-    keys: on XLA's CPU backend this runs 1.6-1.7x faster than `jax.nn.dot_product_attention`,
-    whose per-call layout changes dominate at these sizes. On GPUs JAX's fused attention (cuDNN
-    where it applies) is faster still, so it is used there."""
-    if jax.default_backend() == "gpu":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
-    batch, t, n, h = q.shape
-    kv = k.shape[2]
-    groups = n // kv
-    q = q.reshape(batch, t, kv, groups, h).transpose(0, 2, 3, 1, 4).reshape(batch, kv, groups * t, h)
-    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (B, K, H, S), (B, K, S, H)
-    scores = jnp.matmul(q, k, preferred_element_type=jnp.float32) * (h**-0.5)
-    scores = scores.reshape(batch, kv, groups, t, -1)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv, groups * t, -1)
-    out = jnp.matmul(probs, v).reshape(batch, kv, groups, t, h)
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, t, n, h)
-
-
 def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
     """`count` layers with every parameter stacked on a leading axis, so the forward is one scan
     (one compiled layer body, whatever the depth)."""

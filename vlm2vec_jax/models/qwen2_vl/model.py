@@ -20,6 +20,7 @@ class Qwen2VL(nnx.Module):
 
     def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
         dims = dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype, remat=config.remat, rngs=rngs)
+        dims["attention"] = config.attention
         self.visual = VisionTower(config.vision, **dims)
         self.language_model = TextDecoder(config.text, **dims)
         self.config = config

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm2vec_jax.models.qwen2_vl.config import TextConfig
-from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, attention, create_stack, linear, scan_stack
+from vlm2vec_jax.models.attention import SegmentMask, attention
+from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, create_stack, linear, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, mrope
 
 
@@ -29,7 +30,7 @@ class DecoderLayer(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(
-        self, x: jnp.ndarray, mask: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, query_index: jnp.ndarray | None = None
+        self, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray, query_index: jnp.ndarray | None = None
     ) -> jnp.ndarray:
         """(B, L, D) -> (B, L, D); with `query_index` (B, Q), only those Q tokens of each row are
         computed (keys and values still cover every token) and the result is (B, Q, D)."""
@@ -41,7 +42,7 @@ class DecoderLayer(nnx.Module):
         q, q_cos, q_sin = qkv[..., : n * hd], cos, sin
         if query_index is not None:
             x, q, q_cos, q_sin = (jnp.take_along_axis(a, query_index[..., None], axis=1) for a in (x, q, cos, sin))
-            mask = jnp.take_along_axis(mask, query_index[:, None, :, None], axis=2)
+            mask = mask.for_queries(query_index)
         queries = x.shape[1]
         q = apply_rotary(q.reshape(batch, queries, n, hd), q_cos, q_sin)
         x = x + self.o_proj(attention(q, k, v, mask).reshape(batch, queries, n * hd))
@@ -49,22 +50,13 @@ class DecoderLayer(nnx.Module):
         return x + self.down_proj(self.act(gate) * up)
 
 
-def segment_causal_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """(B, L) -> boolean (B, 1, L, L): token q sees token k iff k <= q, both lie in the same
-    segment and k is not padding (segment 0). A 0/1 attention mask is the one-segment case, so
-    padded rows and packed rows (several sequences, segments 1, 2, ...) share one code path; a
-    padding query sees nothing (a finite, unused row)."""
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same & (segment_ids > 0)[:, None, :])[:, None]
-
-
 class TextDecoder(nnx.Module):
     """Embeddings (B, L, D) -> final hidden states (B, L, D), causal within each segment of the
     `attention_mask` (0/1 padding mask, or segment ids of packed rows)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, attention: str, rngs: nnx.Rngs
+    ):
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -79,9 +71,11 @@ class TextDecoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.cfg = cfg
         self.remat = remat
+        self.attention = attention
 
     def _mask_and_rope(self, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
-        return (segment_causal_mask(attention_mask), *mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section))
+        mask = SegmentMask.build(attention_mask, causal=True, implementation=self.attention)
+        return (mask, *mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section))
 
     def __call__(self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> jnp.ndarray:
         x = scan_stack(self.layers, embeds, *self._mask_and_rope(attention_mask, position_ids), remat=self.remat)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm2vec_jax.models.qwen2_vl.config import VisionConfig
-from vlm2vec_jax.models.qwen2_vl.layers import activation, attention, create_stack, linear, scan_stack
+from vlm2vec_jax.models.attention import SegmentMask, attention
+from vlm2vec_jax.models.qwen2_vl.layers import activation, create_stack, linear, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, vision_rope
 
 LAYER_NORM_EPS = 1e-6
@@ -32,7 +33,7 @@ class VisionBlock(nnx.Module):
         self.num_heads = cfg.num_heads
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
         rows, length, dim = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(rows, length, 3, self.num_heads, dim // self.num_heads)
         q = apply_rotary(qkv[:, :, 0], cos, sin)
@@ -63,7 +64,9 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     """Patches (V, R, patch_dim) -> merged image tokens (V * R / 4, text hidden)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, attention: str, rngs: nnx.Rngs
+    ):
         dims = dict(dtype=dtype, param_dtype=param_dtype)
         # Conv3d with kernel == stride over a flattened patch is exactly this matmul (no bias).
         self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, rngs=rngs, **dims)
@@ -72,12 +75,13 @@ class VisionTower(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.attention = attention
 
     def __call__(self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
         x = self.patch_embed(pixel_values.astype(self.dtype))
         cos, sin = vision_rope(patch_positions, self.cfg.head_dim, self.cfg.rope_theta)
-        # Block-diagonal: a patch sees the patches of its own image; padding (0) sees padding.
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        # Block-diagonal: a patch sees the patches of its own image.
+        mask = SegmentMask.build(segment_ids, causal=False, implementation=self.attention)
         x = scan_stack(self.blocks, x, mask, cos, sin, remat=self.remat)
         merged = self.merger(x)
         return merged.reshape(-1, merged.shape[-1])
