@@ -7,11 +7,14 @@ once as a Hugging Face checkpoint (our random init, tokenizer learned from the t
 exported with `save_pretrained`) that every side loads: our Trainers (`model.init` = that
 directory) and transformers.
 
-1. Training, one step per batch, runs interleaved (padded k, packed k, torch k), medians of
+1. Training, one step per batch, runs interleaved (padded k, packed k, profiled k, torch k), medians of
    examples/s (the first timed step of each is dropped), GradCache and LoRA (DoRA, dropout on)
    everywhere:
    - padded: our fixed-shape step (every sequence at max_len, every image row at the cap);
-   - packed: the same batch packed by `data/packing.py` (`train.packing`);
+   - packed: the same batch packed by `data/packing.py` (`train.packing`), chunks sized to cover
+     a padded chunk (the default without a profile);
+   - profiled: the same, chunks sized from a profile of the benchmark's own training set
+     (`data.profile`, written by `data/profile.py` as `python -m vlm2vec_jax.data.profile` does);
    - torch + PEFT (`--skip-torch` drops it): transformers' Qwen2-VL + PEFT DoRA, the PyTorch
      originals' way (benchmarks/torch_peer.py): VLM2Vec/B3's collator pads each side of the batch
      to its longest sequence (right padding), images are their normalised patches concatenated
@@ -23,10 +26,11 @@ directory) and transformers.
      them). Every side's batches are built before timing (our packing and device transfer, the
      torch tensors): the timings are the steps alone.
    Before timing, with dropout off and identical adapters (ours copied into PEFT), the losses of
-   batch 0 must agree: padded, packed and torch (`loss_check`, |diff| <= 1e-4 in float32, else a
+   batch 0 must agree: padded, packed, profiled and torch (`loss_check`, |diff| <= 1e-4 in float32, else a
    warning; `--skip-check` skips it).
-   Reported: examples/s, `packed_over_torch` (issue 14's goal >= 2x), `speedup` = packed over
-   padded (goal >= 2.5x), and the share of text slots that hold real tokens.
+   Reported per variant: examples/s, `<variant>_over_torch` (issue 14's goal >= 2x),
+   `<variant>_over_padded` (goal >= 2.5x), the share of text slots that hold real tokens, and the
+   packed budget and chunks per step.
 2. Encoding (`--encode-items N`, 0 skips it): the queries and positives of N/2 training rows spread
    over every subset (text + image paths), through `Embedder.from_pretrained(checkpoint).encode`
    and through transformers (benchmarks/torch_peer.py's `TorchEncoder`: image processor and
@@ -47,6 +51,7 @@ Timings on a loaded machine are not results: run on a quiet one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -63,6 +68,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
 from common import base  # noqa: E402
 
+from vlm2vec_jax.data.profile import profile_train_set, write_profile  # noqa: E402
 from vlm2vec_jax.data.prompts import IMAGE_TOKEN, to_backbone_text  # noqa: E402
 from vlm2vec_jax.embedder import Embedder  # noqa: E402
 from vlm2vec_jax.models.lora import HF_TARGETS  # noqa: E402
@@ -76,13 +82,15 @@ from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_mod
 from accelerator_step import SMALL  # noqa: E402  (the "small" widths both benchmarks run)
 from torch_peer import TorchEncoder, TorchPeft, adapter_arrays, torch_gradcache_batch  # noqa: E402
 
-NAMES = {False: "padded", True: "packed"}
+# Our variants: name -> (train.packing, chunks sized from a profile of the benchmark's own training set).
+VARIANTS = {"padded": (False, False), "packed": (True, False), "profiled": (True, True)}
 LOSS_TOLERANCE = 1e-4  # float32, same weights, dropout off
 
 
-def config(args: argparse.Namespace, workdir: Path, packing: bool, init: str = RANDOM):
+def config(args: argparse.Namespace, workdir: Path, variant: str = "padded", init: str = RANDOM):
+    packing, profiled = VARIANTS[variant]
     c = base()
-    c.workdir = str(workdir / NAMES[packing])
+    c.workdir = str(workdir / variant)
     c.data.synthetic = "mmeb_shape"
     c.data.synthetic_dir = str(workdir / "data")
     c.data.num_workers = 0
@@ -98,6 +106,10 @@ def config(args: argparse.Namespace, workdir: Path, packing: bool, init: str = R
     c.train.steps = args.steps
     c.train.packing = packing
     c.eval.every = -1
+    if profiled:  # what a user runs before a big run: `python -m vlm2vec_jax.data.profile` on the training set
+        c.data.profile = str(workdir / "profile.json")
+        if not Path(c.data.profile).is_file():
+            write_profile(profile_train_set(config(args, workdir)), c.data.profile)
     return c
 
 
@@ -105,7 +117,7 @@ def write_checkpoint(args: argparse.Namespace, workdir: Path) -> tuple[Path, Any
     """(the Hugging Face directory every side loads, the training set): the Trainer's random init
     (`model.init=random`: tokenizer learned from the training texts, fan-in scaled weights), written
     out with our exporter because the Trainer's `model_init` directory holds no weights."""
-    c = config(args, workdir, packing=False)
+    c = config(args, workdir)
     train_set = data_setup.load_train_set(c, data_setup.data_roots(c)[0])
     corpus = (side.text for pair in train_set for side in (pair.query, pair.positive))
     model_init = write_random_model_dir(workdir / "model_init", c.model.architecture.to_dict(), corpus,
@@ -129,14 +141,14 @@ def peer_args(c) -> SimpleNamespace:
 def loss_check(runs: dict, peer: TorchPeft | None, torch_batch: dict | None) -> dict[str, Any]:
     """Batch 0's loss with dropout off and the initial weights: padded, packed and torch."""
     losses = {}
-    for packing, run in runs.items():
+    for name, run in runs.items():
         trainer = run["trainer"]
         c = trainer.config.copy_and_resolve_references()
         c.lora.dropout = 0.0
         step = compile_step(c, trainer.graphdef, trainer.schedule, trainer.optimizer, trainer.mesh, trainer.abstract,
                             trainer.frozen, run["batches"][0], trainer.key, trainer.image_config).compiled
         trainer.state, metrics = step(trainer.state, trainer.frozen, run["batches"][0], trainer.key)
-        losses[NAMES[packing]] = float(metrics["loss"])
+        losses[name] = float(metrics["loss"])
     if peer is not None:
         losses["torch"] = peer.gradcache_step(torch_batch["query"], torch_batch["target"], torch_batch["labels"],
                                               torch_batch["keys"], train=False)
@@ -150,17 +162,17 @@ def loss_check(runs: dict, peer: TorchPeft | None, torch_batch: dict | None) -> 
 
 def train_benchmark(args: argparse.Namespace, workdir: Path, checkpoint: Path) -> dict[str, Any]:
     runs = {}
-    for packing in (False, True):
-        trainer = Trainer(config(args, workdir, packing, init=str(checkpoint)))
+    for variant in VARIANTS:
+        trainer = Trainer(config(args, workdir, variant, init=str(checkpoint)))
         trainer.setup()
         records = trainer._records()
         host = [_without_report(next(records)) for _ in range(args.steps)]
         batches = [device_batch(trainer._pack(r), trainer.mesh) for r in host]
         start = time.perf_counter()
         step_fn, _ = trainer._compile(batches[0])
-        runs[packing] = {"trainer": trainer, "step": step_fn, "batches": batches, "host": host,
+        runs[variant] = {"trainer": trainer, "step": step_fn, "batches": batches, "host": host,
                          "compile_s": time.perf_counter() - start, "times": []}
-    padded = runs[False]
+    padded = runs["padded"]
     c = padded["trainer"].config
     peer, torch_batches = None, []
     if not args.skip_torch:
@@ -171,7 +183,7 @@ def train_benchmark(args: argparse.Namespace, workdir: Path, checkpoint: Path) -
     result: dict[str, Any] = {}
     if not args.skip_check:
         result["loss_check"] = loss_check(runs, peer, torch_batches[0] if peer else None)
-    fill = _fill(padded["batches"], runs[True]["batches"])
+    fill = {f"{name}_text_fill": _fill(padded["batches"], run["batches"]) for name, run in runs.items()}
     torch_times: list[float] = []
     for repeat in range(args.steps):  # interleaved: padded batch k, packed batch k, torch batch k
         for run in runs.values():
@@ -187,7 +199,7 @@ def train_benchmark(args: argparse.Namespace, workdir: Path, checkpoint: Path) -
             torch_times.append(time.perf_counter() - start)
     result.update(batch_size=args.batch_size, gc_chunk=args.gc_chunk, hard_negatives=args.hard_negatives,
                   steps=args.steps, **fill)
-    timed = {NAMES[p]: run["times"] for p, run in runs.items()}
+    timed = {name: run["times"] for name, run in runs.items()}
     if peer is not None:
         timed["torch"] = torch_times
         result["torch_threads"] = torch.get_num_threads()
@@ -199,13 +211,14 @@ def train_benchmark(args: argparse.Namespace, workdir: Path, checkpoint: Path) -
         result[f"{name}_examples_per_s"] = args.batch_size / median
         result[f"{name}_step_s"] = median
         result[f"{name}_step_s_all"] = times
-    for packing, run in runs.items():
-        result[f"{NAMES[packing]}_compile_s"] = run["compile_s"]
-    result["speedup"] = result["packed_examples_per_s"] / result["padded_examples_per_s"]
-    if peer is not None:
-        result["packed_over_torch"] = result["packed_examples_per_s"] / result["torch_examples_per_s"]
-        result["padded_over_torch"] = result["padded_examples_per_s"] / result["torch_examples_per_s"]
-    result["packed_chunks_per_step"] = [np.asarray(b["packed"]["num_chunks"]).tolist() for b in runs[True]["batches"]]
+    for name, run in runs.items():
+        result[f"{name}_compile_s"] = run["compile_s"]
+        result[f"{name}_over_padded"] = result[f"{name}_examples_per_s"] / result["padded_examples_per_s"]
+        if peer is not None:
+            result[f"{name}_over_torch"] = result[f"{name}_examples_per_s"] / result["torch_examples_per_s"]
+        if name != "padded":
+            result[f"{name}_chunks_per_step"] = [np.asarray(b["packed"]["num_chunks"]).tolist() for b in run["batches"]]
+            result[f"{name}_budget"] = dataclasses.asdict(run["trainer"].packing)
     return result
 
 
@@ -218,15 +231,16 @@ def _without_report(record: dict) -> dict:
     return record
 
 
-def _fill(padded: list[dict], packed: list[dict]) -> dict[str, float]:
-    """Real tokens / patches over the slots each layout computes (packed: the chunks it runs)."""
-    real = sum(float(np.sum(np.asarray(b[s]["attention_mask"]))) for b in padded for s in ("query", "target"))
-    slots = sum(np.asarray(b[s]["attention_mask"]).size for b in padded for s in ("query", "target"))
-    run_slots = 0
-    for b in packed:
+def _fill(padded: list[dict], batches: list[dict]) -> float:
+    """Real text tokens over the text slots a variant computes (packed: the chunks it runs)."""
+    real = sum(float(np.sum(np.asarray(b[s]["attention_mask"]) > 0)) for b in padded for s in ("query", "target"))
+    if "packed" not in batches[0]:
+        return real / sum(np.asarray(b[s]["attention_mask"]).size for b in batches for s in ("query", "target"))
+    slots = 0
+    for b in batches:
         mask = np.asarray(b["packed"]["attention_mask"])
-        run_slots += int(np.asarray(b["packed"]["num_chunks"]).max()) * mask.shape[0] * mask[0, 0].size
-    return {"padded_text_fill": real / slots, "packed_text_fill": real / max(run_slots, 1)}
+        slots += int(np.asarray(b["packed"]["num_chunks"]).max()) * mask.shape[0] * mask[0, 0].size
+    return real / max(slots, 1)
 
 
 # --------------------------------------------------------------------------------------- encode
@@ -318,13 +332,14 @@ def report(train: dict[str, Any], encode: dict[str, Any] | None) -> None:
         losses = train["loss_check"]["losses"]
         print("loss check, batch 0, dropout off, same weights: "
               + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) + f"; max |diff| {train['loss_check']['max_abs_diff']:.1e}")
-    print(f"training: packed {train['packed_examples_per_s']:.2f} examples/s vs padded {train['padded_examples_per_s']:.2f}: "
-          f"{train['speedup']:.2f}x (goal >= 2.5x); real tokens fill {train['padded_text_fill']:.0%} of the padded "
-          f"text slots, {train['packed_text_fill']:.0%} of the packed chunks run")
+    for name in VARIANTS:
+        line = (f"training, {name}: {train[f'{name}_examples_per_s']:.2f} examples/s, {train[f'{name}_over_padded']:.2f}x "
+                f"padded (goal >= 2.5x)")
+        if "torch_examples_per_s" in train:
+            line += f", {train[f'{name}_over_torch']:.2f}x transformers + PEFT (goal >= 2x)"
+        print(line + f"; real tokens fill {train[f'{name}_text_fill']:.0%} of the text slots computed")
     if "torch_examples_per_s" in train:
-        print(f"training: packed {train['packed_examples_per_s']:.2f} examples/s vs transformers + PEFT (dynamic padding, "
-              f"GradCache) {train['torch_examples_per_s']:.2f}: {train['packed_over_torch']:.2f}x (goal >= 2x); "
-              f"padded vs torch {train['padded_over_torch']:.2f}x")
+        print(f"training, transformers + PEFT (dynamic padding, GradCache): {train['torch_examples_per_s']:.2f} examples/s")
     if encode is not None:
         line = f"encoding {encode['encode_items']} items: Embedder.encode {encode['ours_items_per_s']:.1f} items/s"
         if "torch_items_per_s" in encode:

@@ -95,3 +95,46 @@ def test_unknown_kernel_is_named(tiny_ckpt):
     with pytest.raises(ConfigError, match="attention 'flash' is not one of"):
         Qwen2VLConfig.from_pretrained_dir(tiny_ckpt, attention="flash")
     assert resolve("auto") == {"cpu": "dense", "gpu": "xla", "tpu": "splash"}[jax.default_backend()]
+
+
+ON_A_MESH = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from test_attention import SEGMENTS, qkv
+from vlm2vec_jax.models.attention import SegmentMask, attention
+
+mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+q, k, v = qkv(4, 2)
+ids = jnp.asarray(SEGMENTS)
+rows = NamedSharding(mesh, P("data"))  # 2 rows: the wrapper splits them over data, not fsdp
+placed = [jax.device_put(x, rows) for x in (q, k, v, ids)]
+
+def run(implementation):
+    f = jax.jit(lambda q, k, v, s: attention(q, k, v, SegmentMask.build(s, causal=True, implementation=implementation)))
+    with jax.set_mesh(mesh):
+        text = f.lower(*placed).as_text()
+        return np.asarray(f(*placed)), text
+
+splash, text = run("splash")
+dense, _ = run("dense")
+real = SEGMENTS > 0
+print(json.dumps({"max_diff": float(np.abs(splash - dense)[real].max()), "shard_map": "shard_map" in text or "manual" in text}))
+"""
+
+
+def test_splash_runs_per_shard_under_a_mesh():
+    """Under jit on a mesh (the FSDP/TP step), the Pallas call is wrapped in shard_map over the
+    rows (XLA cannot partition it) and still equals dense."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run([sys.executable, "-c", ON_A_MESH, os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shard_map"] and result["max_diff"] < RTOL, result

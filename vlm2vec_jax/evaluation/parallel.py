@@ -92,7 +92,8 @@ class DataParallelEmbedder(Embedder):
         """Unit vectors of one built batch (`Embedder.embed_batch`), computed over the mesh; returns
         immediately."""
         placed = {key: jax.device_put(value, self._sharding(key, value)) for key, value in batch.items()}
-        return _embed(self._graphdef, self._replicated_state, placed)
+        with jax.set_mesh(self.mesh):  # kernels XLA cannot partition (splash attention) shard_map over it
+            return _embed(self._graphdef, self._replicated_state, placed)
 
     def _sharding(self, key: str, value: np.ndarray) -> NamedSharding:
         """Rows split over the mesh when the device count divides them, else replicated."""

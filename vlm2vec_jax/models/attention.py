@@ -26,6 +26,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 Implementation = Literal["auto", "dense", "xla", "splash"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "xla", "splash")
@@ -110,7 +112,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, causal: bool) -> jax.Array:
     """The Pallas splash kernel per row (vmapped over B), grouped queries native. Rows are padded
-    to a multiple of the block with a segment of their own, then cut back."""
+    to a multiple of the block with a segment of their own, then cut back. Under a mesh the
+    partitioner cannot split a Pallas call, so the rows are split over the mesh in `shard_map`."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
     batch, length, heads, head_dim = q.shape
@@ -119,8 +122,28 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (q * head_dim**-0.5, k, v))  # (B, heads, L, H)
     ids = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, padded - length)], constant_values=SPLASH_PAD_SEGMENT)
     kernel = _splash_kernel(heads, padded, causal, interpret=jax.default_backend() != "tpu")
-    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(q, k, v, ids)
-    return out.transpose(0, 2, 1, 3)[:, :length]
+
+    def rows(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(q, k, v, ids)
+
+    return _rows_over_mesh(rows, batch)(q, k, v, ids).transpose(0, 2, 1, 3)[:, :length]
+
+
+def _rows_over_mesh(fn, batch: int):
+    """`fn` of row-major arrays, run per shard of rows over the context mesh's automatic axes (as
+    many as divide `batch`; the rest see every row); as it is where no mesh is set or inside
+    `shard_map` already."""
+    mesh = jax.sharding.get_abstract_mesh()
+    free = [] if mesh.empty else [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual]
+    if not free:
+        return fn
+    axes, size = [], 1
+    for axis in free:
+        if batch % (size * mesh.shape[axis]) == 0:
+            axes.append(axis)
+            size *= mesh.shape[axis]
+    spec = P(tuple(axes)) if axes else P()
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, axis_names=set(free), check_vma=False)
 
 
 @functools.lru_cache(maxsize=None)
