@@ -14,7 +14,7 @@ directory) and transformers.
    - packed: the same batch packed by `data/packing.py` (`train.packing`), chunks sized to cover
      a padded chunk (the default without a profile);
    - profiled: the same, chunks sized from a profile of the benchmark's own training set
-     (`data.profile`, written by `data/profile.py` as `python -m vlm2vec_jax.data.profile` does);
+     (`data.profile=train`: the Trainer profiles it at setup);
    - torch + PEFT (`--skip-torch` drops it): transformers' Qwen2-VL + PEFT DoRA, the PyTorch
      originals' way (benchmarks/torch_peer.py): VLM2Vec/B3's collator pads each side of the batch
      to its longest sequence (right padding), images are their normalised patches concatenated
@@ -68,7 +68,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
 from common import base  # noqa: E402
 
-from vlm2vec_jax.data.profile import profile_train_set, write_profile  # noqa: E402
 from vlm2vec_jax.data.prompts import IMAGE_TOKEN, to_backbone_text  # noqa: E402
 from vlm2vec_jax.embedder import Embedder  # noqa: E402
 from vlm2vec_jax.models.lora import HF_TARGETS  # noqa: E402
@@ -106,10 +105,8 @@ def config(args: argparse.Namespace, workdir: Path, variant: str = "padded", ini
     c.train.steps = args.steps
     c.train.packing = packing
     c.eval.every = -1
-    if profiled:  # what a user runs before a big run: `python -m vlm2vec_jax.data.profile` on the training set
-        c.data.profile = str(workdir / "profile.json")
-        if not Path(c.data.profile).is_file():
-            write_profile(profile_train_set(config(args, workdir)), c.data.profile)
+    if profiled:
+        c.data.profile = "train"  # the Trainer profiles its own training set (python -m vlm2vec_jax.data.profile's rule)
     return c
 
 

@@ -115,3 +115,21 @@ def test_groups_fill_rows_and_cover_every_sequence(examples):
         assert pack([seqs[k] for k in group]).inputs["input_ids"].shape[0] == 1
     with pytest.raises(ValueError, match="over 1"):
         pack(seqs)
+
+
+@pytest.mark.parametrize("rows_multiple", [1, 2])
+def test_groups_fill_every_row_they_build(examples, rows_multiple):
+    """A batch is built with exactly the rows its sequences fill (a power of two rows): the rows
+    past the largest such count go to a later batch instead of padding this one."""
+    pack = packer(examples[0], max_rows=16, min_length=64, rows_multiple=rows_multiple)
+    lengths = np.random.default_rng(0).integers(1, 300, 500)
+    groups = list(pack.groups(lengths))
+    assert sorted(np.concatenate(groups).tolist()) == list(range(lengths.size))
+    rows_built = []
+    for k, group in enumerate(groups):
+        ordered = np.sort(lengths[group])[::-1]
+        used = int(first_fit(ordered, pack.row_length(int(ordered[0]))).max()) + 1
+        last_and_below_the_multiple = k == len(groups) - 1 and used < rows_multiple
+        assert used in pack.row_counts() or last_and_below_the_multiple, (used, pack.row_counts())
+        rows_built.append(used)
+    assert max(rows_built) == 16 and len(set(rows_built)) > 1  # full batches, and smaller ones for the rest

@@ -158,6 +158,7 @@ def test_a_run_sized_by_a_profile_trains_packed(tmp_path, tmp_path_factory) -> N
     from training_runs import environment, metrics, run_ok, shared_dirs, tail, train_command
     from vlm2vec_jax.cli_config import parse_config
     from vlm2vec_jax.data.profile import load_profile, profile_train_set, write_profile
+    from vlm2vec_jax.data.profiles import resolve_profile
 
     shared = shared_dirs(tmp_path_factory)
     max_len = 96  # well above the small scale's longest sequence: rows are 16-token aligned
@@ -170,8 +171,11 @@ def test_a_run_sized_by_a_profile_trains_packed(tmp_path, tmp_path_factory) -> N
     log = tmp_path / "run.log"
     run_ok([*command, f"--config.data.profile={path}"], environment(shared), log)
     text = tail(log, 100_000)
-    assert "packing (from data.profile)" in text, text[-3000:]
+    assert f"packing (from data.profile={path})" in text, text[-3000:]
     row = int(text.split("text rows x ")[1].split(" tokens")[0])
     assert longest <= row < max_len
     assert [line["step"] for line in metrics(tmp_path / "run")] == [1, 2, 3]
     assert all(line["packed_chunks"] >= 1 for line in metrics(tmp_path / "run"))
+    # data.profile=train: the trainer profiles its own training set, the same profile as the file's
+    own, written = resolve_profile("train", config), load_profile(path)
+    assert (own.subsets, own.total) == (written.subsets, written.total)

@@ -9,20 +9,23 @@ process, a real orbax save killed half-way):
     crash  a save of the next step killed half-way (orbax's temporary directory left behind)
     run 2  resumes from the latest finished checkpoint; SIGTERM at its first new step -> saves, exits 0
     run 3  resumes and completes train.steps (with a grain worker process this time)
+
+and a packed run (GradCache on) goes through a SIGTERM and a resume.
 """
 
 from __future__ import annotations
 
 import re
 import signal
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from training_runs import (
-    PYTHON, REPO, STEPS, baseline_run, environment, final_losses, finish, finished_steps, flat_numpy, kill, metrics,
-    restore_latest, run, run_ok, shared_dirs, start, step_losses, tail, train_command, wait_for,
+    PYTHON, REPO, SHARED_RUNS, STEPS, baseline_run, environment, final_losses, finish, finished_steps, flat_numpy, kill,
+    metrics, restore_latest, run, run_ok, shared_dirs, shared_runs, start, step_losses, tail, train_command, wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -80,15 +83,41 @@ def test_kill_crash_during_save_sigterm_then_resume_match_an_uninterrupted_run(t
     assert metrics(workdir)[lines_after_run2]["step"] == reached + 1
     assert max(finished_steps(checkpoints)) == STEPS
 
-    # ---- every logged loss (steps run twice included) equals the uninterrupted run's, bit for bit.
-    expected = final_losses(baseline)
+    assert_same_run(workdir, baseline)
+
+
+def test_packed_run_resumes_exactly(tmp_path, tmp_path_factory) -> None:
+    """Packing on (GradCache chunks of 1 query, where packing is the default): SIGTERM once a
+    checkpoint is on disk, resume to the end; every loss and the final state equal an
+    uninterrupted packed run's, bit for bit (the packed layout is rebuilt from the data position)."""
+    reference = shared_runs(tmp_path_factory, "packed_1dev_gc1")[0]
+    shared = shared_dirs(tmp_path_factory)
+    env = environment(shared)
+    workdir = tmp_path / "run"
+    command = train_command(workdir, shared, **SHARED_RUNS["packed_1dev_gc1"][1])
+    log1 = tmp_path / "run1.log"
+    process = start(command, env, log1)
+    wait_for(lambda: 2 in finished_steps(workdir / "checkpoints"), process, log1, "checkpoint 2 was written")
+    kill(process, signal.SIGTERM)
+    assert finish(process, log1) == 0, tail(log1)
+    reached = max(finished_steps(workdir / "checkpoints"))
+    assert reached < STEPS, "SIGTERM landed too late to test a resume"
+    assert "packing (" in tail(log1, 100_000) and all("packed_chunks" in line for line in metrics(workdir))
+    log2 = tmp_path / "run2.log"
+    run_ok(command, env, log2)
+    assert f"at step {reached}" in tail(log2, 100_000)
+    assert_same_run(workdir, reference)
+
+
+def assert_same_run(workdir: Path, reference: Path) -> None:
+    """Every logged loss of `workdir` (steps run twice included) and its final parameters and
+    optimizer moments equal the uninterrupted `reference` run's, bit for bit."""
+    expected = final_losses(reference)
     logged = step_losses(workdir)
     assert sorted(logged) == list(range(1, STEPS + 1))
     for s, losses in logged.items():
         assert losses == [expected[s - 1]] * len(losses), f"step {s}: {losses} vs {expected[s - 1]}"
-
-    # ---- and the final state is the same: parameters and optimizer moments.
-    step_a, state_a, _ = restore_latest(baseline)
+    step_a, state_a, _ = restore_latest(reference)
     step_b, state_b, meta_b = restore_latest(workdir)
     assert step_a == step_b == STEPS == meta_b["data_position"]
     a, b = flat_numpy(state_a.params), flat_numpy(state_b.params)

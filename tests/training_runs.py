@@ -293,6 +293,8 @@ _RUNS: dict[str, Path] = {}
 SHARED_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
     # The reference: uninterrupted, one device, full fine-tuning, no GradCache.
     "baseline_1dev": (1, {}),
+    # One device, GradCache chunks of 1 query, packed (the default with GradCache): the packed resume.
+    "packed_1dev_gc1": (1, {"train__gc_chunk_size": 1}),
     # Pure data parallelism on 8 simulated devices (shard_map path), GradCache chunks of 1 query:
     # packed (the default with GradCache: a dynamic chunk count per device), and with fixed shapes.
     "dp8_gc1": (8, {"train__gc_chunk_size": 1}),

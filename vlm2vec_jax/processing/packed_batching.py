@@ -22,8 +22,9 @@ vector equals a padded one (and why nothing here depends on the pixel dtype).
 Shapes: the row length is the bucket (`BucketSpec.text_lengths`) of the longest sequence, and at
 least `min_length`, so short sequences share rows; rows and Q are powers of two (rows a multiple of
 `rows_multiple`, at most `max_rows`); vision rows and patches per row are the `Batcher`'s buckets.
-`groups` cuts a length-sorted stream into batches of `max_rows` rows each: the token budget of a
-batch is `max_rows` x its row length.
+`groups` cuts a length-sorted stream into batches of at most `max_rows` rows, each as many rows as
+its sequences fill (no padding rows beyond the last one's): the token budget of a batch is its
+rows x its row length.
 """
 
 from __future__ import annotations
@@ -93,14 +94,27 @@ class PackedBatcher:
 
     def groups(self, lengths: Sequence[int]) -> Iterator[np.ndarray]:
         """Indices of the sequences of each batch, first-fit decreasing: a batch opens with the
-        longest sequence left, takes every later one that fits its `max_rows` rows, and the rest
-        wait for the next batch."""
+        longest sequence left and takes every later one that fits its rows, as many rows as the
+        largest row count a batch is built with (`row_counts`) that the sequences fill; the
+        sequences of any rows past that wait for the next batch. Rows are then never padding:
+        10 filled rows become a batch of 8 and the rest, re-packed with later sequences (and rows
+        as long as their own longest), rather than a batch of 16 rows of which 6 are empty."""
         lengths = np.asarray(lengths)
+        counts = self.row_counts()
         left = np.argsort(-lengths, kind="stable")
         while left.size:
             rows = first_fit(lengths[left], self.row_length(int(lengths[left[0]])), self.max_rows)
-            yield left[rows >= 0]
-            left = left[rows < 0]
+            used = int(rows.max()) + 1
+            keep = max([n for n in counts if n <= used], default=counts[0])
+            taken = (rows >= 0) & (rows < keep)
+            yield left[taken]
+            left = left[~taken]
+
+    def row_counts(self) -> list[int]:
+        """The text row counts batches are built with (powers of two, rounded up to a multiple of
+        `rows_multiple`, at most `max_rows`), smallest first."""
+        m = self.rows_multiple
+        return sorted({min(self.max_rows, -(-_power_of_two(r) // m) * m) for r in range(1, self.max_rows + 1)})
 
     def __call__(self, examples: Sequence[Example]) -> PackedBatch:
         """Pack `examples` (any order; placed longest first) into one batch."""
@@ -115,7 +129,7 @@ class PackedBatcher:
             raise ValueError(f"{len(examples)} sequences need {placed.max() + 1} rows of {length} tokens, over {self.max_rows}")
         row = np.empty_like(placed)
         row[order] = placed
-        rows = min(self.max_rows, -(-_power_of_two(int(row.max()) + 1) // self.rows_multiple) * self.rows_multiple)
+        rows = next(n for n in self.row_counts() if n > row.max())
         segment, start = np.zeros(len(row), np.int64), np.zeros(len(row), np.int64)  # 0-based segment, first column
         count, fill = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
         for k in order:

@@ -178,7 +178,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compile the step of `config` for `topology.devices` simulated devices; print the report and
     write it to workdir/dry_run.json. Returns the report."""
     c, t = config, config.topology
-    profile = resolve_profile(c.data.profile)  # first: a bad path fails before anything is built
+    profile = resolve_profile(c.data.profile, c)  # first: a bad path fails before anything is built
     simulate_devices(t.devices)
     geometry = model_config(c)
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
