@@ -14,7 +14,7 @@ def base() -> ml_collections.ConfigDict:
     c.dry_run = False  # compile the training step only, on `topology.devices` simulated CPU devices, from abstract shapes (no weights, no data): print per-device memory, FLOPs per step and the projected step time, write workdir/dry_run.json
 
     c.model = ml_collections.ConfigDict()
-    c.model.init = "random"  # "random" (architecture below) or a Hugging Face Qwen2-VL directory
+    c.model.init = "random"  # "random" (architecture below), a Hugging Face Qwen2-VL directory, or a PEFT LoRA/DoRA adapter directory (its base from base_model_name_or_path; train.mode=lora trains its adapters, which then set rank, alpha, targets and DoRA instead of lora.*; train.mode=full starts from the merged weights)
     c.model.geometry = ""  # dry runs without model.init: "2b" or "7b", the real Qwen2-VL geometry (a Hugging Face model.init gives its config.json instead)
     c.model.architecture = ml_collections.ConfigDict(  # only for init="random"
         dict(text_hidden=128, text_layers=2, heads=4, kv_heads=2, intermediate=512,
@@ -23,6 +23,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
     c.model.param_dtype = "float32"  # storage of frozen weights; trained weights are always float32
     c.model.remat = False  # recompute layer activations in the backward pass (memory for compute)
+    c.model.attention = "auto"  # attention kernel: "auto" (dense on CPU, "xla" = jax.nn.dot_product_attention on GPU, "splash" = Pallas splash attention with segment ids on TPU), or one of those by name
     c.model.min_pixels = 3136  # image resize bounds (Qwen2-VL's smart_resize), override the checkpoint's
     c.model.max_pixels = 7056  # 84x84: 9 merged tokens
     c.model.max_len = 64  # tokens per query (every query is padded to this: fixed shapes); longer texts are truncated
@@ -82,7 +83,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.positive_prompts = False  # B3's target-side prompts
     c.data.batch_file = ""  # a mined B3 batch file (parquet); "" = random batches
     c.data.homogeneous = True  # random batches of one task each (VLM2Vec's sampler); False = mixed
-    c.data.profile = ""  # dry runs: "" = the worst case the fixed shapes pay; a profile.json written by `python -m vlm2vec_jax.data.profile`, or "mmeb_shape" (built in: the mmeb_shape scale at MMEB's 1280-token image cap). With a profile the dry run reports flops_useful on batches drawn from it, and with train.packing both the dry run and training size the packed chunks from it (rows as long as its longest sequence and image; train.pack_* keys win)
+    c.data.profile = ""  # dry runs: "" = the worst case the fixed shapes pay; "train" (the run's own training set, profiled at start: image headers only, about a minute per 100k rows), a profile.json written by `python -m vlm2vec_jax.data.profile`, or "mmeb_shape" (built in: the mmeb_shape scale at MMEB's 1280-token image cap). With a profile the dry run reports flops_useful on batches drawn from it, and with train.packing both the dry run and training size the packed chunks from it (rows as long as its longest sequence and image; train.pack_* keys win)
     c.data.bad_data = "skip"  # "skip" (mask and count) or "error"
     c.data.num_workers = 2  # grain worker processes building batches; 0 = in the training process
     c.data.prefetch = 2  # batches each worker builds ahead
@@ -100,7 +101,8 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.export = ml_collections.ConfigDict()
-    c.export.at_end = True  # write workdir/export (LoRA merged), loadable by transformers and Embedder
+    c.export.at_end = True  # write workdir/export, loadable by transformers (merged) or PEFT (peft) and by Embedder
+    c.export.format = "merged"  # "merged": the whole model with LoRA folded in (a Hugging Face directory); "peft": only the adapters (train.mode=lora, a model.init on disk) as a PEFT directory (adapter_config.json + adapter_model.safetensors, base_model_name_or_path = the base of model.init)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""  # "host:port"; "auto" = always jax.distributed.initialize() (TPU VM slices: launch/tpu_pod.sh); "" = auto-detect from the environment (SLURM, GKE TPU, Open MPI) or single process

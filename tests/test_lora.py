@@ -62,32 +62,44 @@ def batch(hf) -> Reference:
 
 
 # ----------------------------------------------------------------------------- PEFT side
-def peft_reference(ckpt, config: LoRAConfig, seed: int | None = 0) -> HFReference:
-    """transformers' model with PEFT adapters on the language model, run in float64 so that the
-    reference carries no rounding noise of its own (float32 PEFT and float32 ours each sit ~6e-6
-    from it and so up to ~1.2e-5 from each other). With a seed, A, B and the magnitudes are
-    randomised (float32 values) so every adapter term matters."""
-    ref = HFReference(str(ckpt))
+def peft_lora_config(config: LoRAConfig, **overrides) -> LoraConfig:
+    """PEFT's LoraConfig for ours, targeting the language model's projections only (a regex; pass
+    `target_modules=[...]` for the plain list of names that shared adapters carry)."""
     targets = "|".join(config.targets)
-    peft_config = LoraConfig(
+    options = dict(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         use_dora=config.use_dora,
         target_modules=rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({targets})",
     )
-    inject_adapter_in_model(peft_config, ref.model)
+    return LoraConfig(**{**options, **overrides})
+
+
+def randomize_peft_adapters(ref: HFReference, use_dora: bool, seed: int) -> None:
+    """Random float32 A, B (nonzero) and perturbed DoRA magnitudes on every PEFT module of `ref`,
+    so that every adapter term matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in peft_modules(ref).values():
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a.copy_(torch.randn(a.shape, generator=gen) / math.sqrt(a.shape[1]))
+            b.copy_(0.5 * torch.randn(b.shape, generator=gen) / math.sqrt(b.shape[1]))
+            if use_dora:
+                m = module.lora_magnitude_vector["default"].weight
+                m.mul_(1 + 0.2 * torch.randn(m.shape, generator=gen))
+
+
+def peft_reference(ckpt, config: LoRAConfig, seed: int | None = 0) -> HFReference:
+    """transformers' model with PEFT adapters on the language model, run in float64 so that the
+    reference carries no rounding noise of its own (float32 PEFT and float32 ours each sit ~6e-6
+    from it and so up to ~1.2e-5 from each other). With a seed, A, B and the magnitudes are
+    randomised (float32 values) so every adapter term matters."""
+    ref = HFReference(str(ckpt))
+    inject_adapter_in_model(peft_lora_config(config), ref.model)
     ref.model.eval()
     if seed is not None:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in peft_modules(ref).values():
-                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                a.copy_(torch.randn(a.shape, generator=gen) / math.sqrt(a.shape[1]))
-                b.copy_(0.5 * torch.randn(b.shape, generator=gen) / math.sqrt(b.shape[1]))
-                if config.use_dora:
-                    m = module.lora_magnitude_vector["default"].weight
-                    m.mul_(1 + 0.2 * torch.randn(m.shape, generator=gen))
+        randomize_peft_adapters(ref, config.use_dora, seed)
     ref.model.double()
     return ref
 

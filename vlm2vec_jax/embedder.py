@@ -26,6 +26,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vlm2vec_jax.models.lora import merge_lora
+from vlm2vec_jax.models.peft_adapter import is_adapter_dir, load_adapted, processor_dir
 from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
@@ -86,6 +88,7 @@ class Embedder:
         cls,
         directory: str | Path,
         *,
+        base: str | Path | None = None,
         dtype: str = "float32",
         param_dtype: str | None = None,
         max_len: int | None = None,
@@ -95,17 +98,30 @@ class Embedder:
         padding_side: str = "right",
         num_threads: int | None = None,
         packing: bool = True,
+        attention: str = "auto",
     ) -> Embedder:
-        """Load weights, tokenizer and image-processor settings from a local Hugging Face directory.
+        """Load weights, tokenizer and image-processor settings from a local Hugging Face directory,
+        or from a PEFT LoRA/DoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+        on top of `base` (default: its base_model_name_or_path, a local directory), merged into the
+        weights for inference; the tokenizer and preprocessor come from the adapter directory when
+        it has them, else from the base.
 
         `dtype` is the compute dtype ("float32" or "bfloat16"), `param_dtype` the storage dtype
         (default: `dtype`). `max_len` truncates text (never image tokens); `min_pixels`/`max_pixels`
         override the checkpoint's preprocessor_config.json. `position_rule` "hf5" is transformers
         5.x's M-RoPE; "legacy" reproduces released VLM2Vec checkpoints (image tokens without
         `<|vision_start|>` get 1-D positions). `packing` False batches one item per text row
-        (`padding_side` matters only then).
+        (`padding_side` matters only then). `attention` is the kernel (`models/attention.py`: "auto"
+        picks dense on CPU, XLA's fused attention on GPU, splash on TPU).
         """
-        model = load_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
+        if is_adapter_dir(directory):
+            model, _, source = load_adapted(directory, base=base, dtype=dtype, param_dtype=param_dtype, attention=attention)
+            merge_lora(model)
+            directory = processor_dir(directory, source)
+        elif base is not None:
+            raise ValueError(f"{directory} is a full model directory, not a PEFT adapter (no adapter_config.json): base= applies to adapters only")
+        else:
+            model, source = load_pretrained(directory, dtype=dtype, param_dtype=param_dtype, attention=attention), directory
         text = TextProcessor.from_pretrained_dir(directory, max_len=max_len)
         if text.image_token_id != model.config.image_token_id:
             raise ValueError(
@@ -115,7 +131,7 @@ class Embedder:
         image_config = ImageProcessorConfig.from_pretrained_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels)
         return cls(
             model, text, image_config, position_rule=position_rule, padding_side=padding_side,
-            source_dir=directory, num_threads=num_threads, packing=packing,
+            source_dir=source, num_threads=num_threads, packing=packing,
         )
 
     @property

@@ -110,6 +110,7 @@ class LoRALinear(nnx.Module):
             raise ValueError(f"column groups {list(layout)} do not add up to the linear's {fan_out} outputs")
         self.base = base
         self.layout = tuple((name, width) for name, width in layout)
+        self.config = config  # static: what `lora_config_of` returns (and a PEFT export writes)
         self.scale, self.rate, self.use_dora = config.scale, config.dropout, config.use_dora
         groups, start = {}, 0
         for name, width in self.layout:
@@ -212,6 +213,17 @@ def lora_adapters(model: nnx.Module) -> Iterator[LoRALinear]:
     for _, node in nnx.iter_graph(model):
         if isinstance(node, LoRALinear):
             yield node
+
+
+def lora_config_of(model: nnx.Module) -> LoRAConfig:
+    """The `LoRAConfig` the model's adapters were built with (rank, alpha, dropout, targets, DoRA),
+    read back from the modules so an export needs nothing but the model."""
+    configs = {adapter.config for adapter in lora_adapters(model)}
+    if not configs:
+        raise ValueError("the model has no LoRA adapters; call apply_lora first")
+    if len(configs) > 1:
+        raise ValueError(f"the model's adapters were built with different configs: {sorted(map(repr, configs))}")
+    return configs.pop()
 
 
 def sequence_positions(attention_mask: jax.Array) -> jax.Array:

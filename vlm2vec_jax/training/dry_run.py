@@ -48,7 +48,7 @@ from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
 from vlm2vec_jax.training.loop import CompiledStep, add_adapters, compile_step, master_weights, optimization, split_for_training
 from vlm2vec_jax.training.model_flops import FlopsModel
 from vlm2vec_jax.training.pack_budget import profile_budget
-from vlm2vec_jax.training.model_init import RANDOM
+from vlm2vec_jax.training.model_init import RANDOM, init_dirs
 from vlm2vec_jax.training.packed_gradcache import executed_trips
 from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh, uses_shard_map
 from vlm2vec_jax.training.state import abstract_train_state, param_shardings
@@ -74,9 +74,9 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
     """The geometry to compile: a Hugging Face `model.init`'s config.json (nothing else is read),
     else the named real geometry `model.geometry`."""
     m = config.model
-    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
     if m.init and m.init != RANDOM:
-        return Qwen2VLConfig.from_pretrained_dir(Path(m.init).expanduser(), **options)
+        return Qwen2VLConfig.from_pretrained_dir(init_dirs(m.init)[0], **options)  # a PEFT adapter: its base's
     if m.geometry not in GEOMETRIES:
         raise ValueError(
             f"a dry run needs the real geometry: set model.geometry to one of {sorted(GEOMETRIES)} "

@@ -33,7 +33,8 @@ from vlm2vec_jax.data.registry import eval_datasets
 from vlm2vec_jax.embedder import Embedder
 from vlm2vec_jax.evaluation.evaluate import evaluate
 from vlm2vec_jax.evaluation.summary import summarize
-from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
+from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, lora_adapters, lora_config_of, merge_lora
+from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_peft_adapter
 from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
 from vlm2vec_jax.processing.image import ImageProcessorConfig
@@ -42,7 +43,7 @@ from vlm2vec_jax.training import data_setup
 from vlm2vec_jax.training.checkpoint import Checkpointer
 from vlm2vec_jax.training.forward import make_embed_factory
 from vlm2vec_jax.training.metrics_log import MetricsLog
-from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir
+from vlm2vec_jax.training.model_init import RANDOM, init_dirs, init_model, write_random_model_dir
 from vlm2vec_jax.training.pack_budget import packing_budget, packs
 from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh
@@ -52,6 +53,7 @@ from vlm2vec_jax.training.throughput import StepFlops, peak_flops
 
 log = logging.getLogger(__name__)
 MODES = ("lora", "full")
+EXPORT_FORMATS = ("merged", "peft")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,7 +73,13 @@ def trainable_filter(mode: str, freeze_vision: bool) -> nnx.filterlib.Filter:
 
 
 def add_adapters(model: Qwen2VL, config: ml_collections.ConfigDict) -> None:
-    """LoRA/DoRA adapters as `config.lora` says, in place, when `train.mode` is "lora"."""
+    """LoRA/DoRA adapters as `config.lora` says, in place, when `train.mode` is "lora". A model that
+    came with adapters (`model.init` a PEFT adapter directory) keeps them for "lora" (the file, not
+    `lora.*`, sets rank, alpha, targets and DoRA) and has them merged in for "full"."""
+    if any(True for _ in lora_adapters(model)):
+        if config.train.mode != "lora":
+            merge_lora(model)
+        return
     if config.train.mode == "lora":
         lora = config.lora
         targets = tuple(t.strip() for t in lora.targets.split(",") if t.strip())
@@ -132,7 +140,8 @@ def compile_step(
         jax.tree.map(lambda x: x.sharding, frozen), batch,
     )
     start = time.perf_counter()
-    traced = step.trace(abstract, frozen, batch, key)
+    with jax.set_mesh(mesh):  # kernels XLA cannot partition (splash attention) read it to shard_map themselves
+        traced = step.trace(abstract, frozen, batch, key)
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - start
     return CompiledStep(compiled, StepFlops.of(traced.jaxpr.jaxpr), compiled.memory_analysis(), seconds)
@@ -178,7 +187,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         c = self.config
-        self.profile = resolve_profile(c.data.profile)  # first: a bad path fails before any work
+        self.profile = resolve_profile(c.data.profile, c)  # first: a bad path fails before any work
+        check_export(c)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             dump_config(c, self.workdir / "config.json")
@@ -187,10 +197,17 @@ class Trainer:
         self.plan = data_setup.batch_plan(c, self.train_set)
         self.model_dir = self._model_dir()
         model = init_model(
-            c.model.init if c.model.init == RANDOM else "hf", self.model_dir, seed=c.seed,
-            dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
+            c.model.init if c.model.init == RANDOM else "hf",
+            self.model_dir if c.model.init == RANDOM else Path(c.model.init).expanduser(), seed=c.seed,
+            dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat, attention=c.model.attention,
+            lora_dropout=c.lora.dropout,
         )
         self.model_config = model.config
+        if any(True for _ in lora_adapters(model)):
+            a = lora_config_of(model)
+            use = "training these adapters (lora.* other than dropout unused)" if c.train.mode == "lora" else "merged in (train.mode=full)"
+            self._print(f"model.init is a PEFT adapter (rank {a.rank}, alpha {a.alpha:g}, {'DoRA' if a.use_dora else 'LoRA'} "
+                        f"on {','.join(a.targets)}): {use}")
         add_adapters(model, c)
         self.graphdef, params, frozen = split_for_training(model, c)
         params = master_weights(params)
@@ -218,7 +235,7 @@ class Trainer:
         if not c.model.init:
             raise ValueError("model.init is empty: set it to a local Hugging Face Qwen2-VL directory, or to 'random'")
         if c.model.init != RANDOM:
-            return Path(c.model.init).expanduser()
+            return init_dirs(c.model.init)[1]  # a PEFT adapter's own processor files, else its base's
         out = self.workdir / "model_init"
         if self.is_main:
             corpus = (side.text for pair in self.train_set for side in (pair.query, pair.positive))
@@ -240,7 +257,9 @@ class Trainer:
         self.packing = packing_budget(c, source, self.mesh, self.model_config, self.profile) if packs(c) else None
         if self.packing is not None:
             b = self.packing
-            self._print(f"packing ({'from data.profile' if self.profile else 'covering the padded chunks'}): per chunk "
+            sized = (f"from data.profile={c.data.profile}" if self.profile
+                     else "covering the padded chunks; data.profile=train sizes them from your data")
+            self._print(f"packing ({sized}): per chunk "
                         f"{b.text_rows} text rows x {b.text_len} tokens, {b.vision_rows} vision rows x {b.vision_patches} "
                         f"patches; up to {b.chunks} chunks per device shard")
         if c.train.packing and self.packing is None:
@@ -413,18 +432,43 @@ class Trainer:
         return values
 
     def export(self, out: Path) -> Path:
-        """A Hugging Face directory with LoRA merged, loadable by transformers and `Embedder`."""
+        """`export.format` "merged": a Hugging Face directory with LoRA merged, loadable by
+        transformers and `Embedder`; "peft": the adapters alone as a PEFT directory on top of the
+        run's base (`base_model_name_or_path`). The other format's files are removed from `out`, so
+        a reader never finds both."""
+        c = self.config
         model = self.current_model()
-        if self.config.train.mode == "lora":
+        base = self.model_dir if c.model.init == RANDOM else init_dirs(c.model.init)[0].absolute()
+        if c.export.format == "merged" and c.train.mode == "lora":
             merge_lora(model)
         if self.is_main:
-            save_pretrained(model, out, source_dir=self.model_dir)
-            self._print(f"exported {out}")
+            out.mkdir(parents=True, exist_ok=True)
+            stale = (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if c.export.format == "merged" else ("config.json", "model*.safetensors*")
+            for pattern in stale:
+                for old in out.glob(pattern):
+                    old.unlink()
+            if c.export.format == "peft":
+                write_peft_adapter(model, out, base=base, processor=self.model_dir)
+            else:
+                save_pretrained(model, out, source_dir=base)
+            self._print(f"exported {out} ({c.export.format})")
         return out
 
     def _print(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
+
+
+def check_export(config: ml_collections.ConfigDict) -> None:
+    """Reject an `export.format` the run could not write, before any training."""
+    c = config
+    if c.export.format not in EXPORT_FORMATS:
+        raise ValueError(f"export.format must be one of {EXPORT_FORMATS}, got {c.export.format!r}")
+    if c.export.format == "peft" and c.export.at_end:
+        if c.train.mode != "lora":
+            raise ValueError("export.format=peft needs train.mode=lora: a full fine-tune has no adapters to export (use export.format=merged)")
+        if c.model.init == RANDOM:
+            raise ValueError("export.format=peft needs a base on disk, but model.init=random has no saved weights (use export.format=merged)")
 
 
 def _describe_memory(memory: Any) -> str:

@@ -1,6 +1,8 @@
-"""The model a run starts from: a Hugging Face directory, or a randomly initialised Qwen2-VL-shaped
-model (the demo) whose tokenizer is learned from the training texts and written, with config.json
-and preprocessor_config.json, into the workdir so the run, its export and `Embedder` read it alike."""
+"""The model a run starts from: a Hugging Face directory, a PEFT adapter directory (its base's weights
+with the adapter's LoRA/DoRA groups, trainable and initialised from the file), or a randomly
+initialised Qwen2-VL-shaped model (the demo) whose tokenizer is learned from the training texts and
+written, with config.json and preprocessor_config.json, into the workdir so the run, its export and
+`Embedder` read it alike."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from vlm2vec_jax.models.peft_adapter import base_dir, is_adapter_dir, load_adapted, processor_dir
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
@@ -62,6 +65,17 @@ def scale_init_(model: nnx.Module, seed: int) -> None:
         variable.set_value((std * jax.random.normal(jax.random.fold_in(key, i), value.shape)).astype(value.dtype))
 
 
+def init_dirs(init: str | Path) -> tuple[Path, Path]:
+    """(base weights directory, tokenizer and preprocessor directory) of a Hugging Face or PEFT
+    adapter `model.init`: the directory itself twice, or the adapter's base and wherever its
+    processor files are (`peft_adapter.processor_dir`)."""
+    path = Path(init).expanduser()
+    if not is_adapter_dir(path):
+        return path, path
+    base = base_dir(path)
+    return base, processor_dir(path, base)
+
+
 def init_model(
     init: str,
     model_dir: Path,
@@ -70,13 +84,22 @@ def init_model(
     dtype: str,
     param_dtype: str,
     remat: bool,
+    attention: str = "auto",
     sharding_for: Callable[..., Any] | None = None,
+    lora_dropout: float | None = None,
 ) -> Qwen2VL:
     """`init` == "random": a fresh model of `model_dir`'s config.json (seeded); else the weights of
-    the Hugging Face directory `model_dir`."""
+    the Hugging Face directory `model_dir`, or, when `model_dir` is a PEFT adapter directory, its
+    base's weights with the adapter applied as `LoRALinear` groups holding the file's values
+    (`lora_dropout`, a training choice, replaces the file's)."""
     if init == RANDOM:
-        config = Qwen2VLConfig.from_pretrained_dir(model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        config = Qwen2VLConfig.from_pretrained_dir(
+            model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
+        )
         model = Qwen2VL(config, rngs=nnx.Rngs(seed))
         scale_init_(model, seed)
         return model
-    return load_pretrained(model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat, sharding_for=sharding_for)
+    options = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, sharding_for=sharding_for)
+    if is_adapter_dir(model_dir):
+        return load_adapted(model_dir, dropout=lora_dropout, **options)[0]
+    return load_pretrained(model_dir, **options)
