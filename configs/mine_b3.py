@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher_dtype = "float32"  # teacher compute dtype: "float32" or "bfloat16"
     c.teacher_max_len = 0  # teacher text truncation in tokens; 0 = the checkpoint's own
 
-    # B3 (REFERENCE section 4).
+    # B3 (docs/reference.md, "B3 batch mining").
     c.batch_size = 1024  # rows per batch (the trainer's train.batch_size); a multiple of cluster_size
     c.cluster_size = 32  # K: rows per METIS cluster; a batch is batch_size / K clusters of one task
     # Ranks skipped as likely false negatives; -1 = per meta-task: 30 retrieval and grounding,

@@ -7,7 +7,7 @@ returns fixed-shape numpy arrays. Because the record index is the step and every
 function of it, resuming at step k is `make_train_iterator(source, start_step=k)`: the same batches
 an uninterrupted run sees, with any number of workers (grain's per-worker slices are interleaved back
 into index order). Flat sampler + `Batch` is avoided on purpose: with 2+ workers it mixes records
-across batches (REFERENCE section 5), which would break mined B3 batches.
+across batches (docs/reference.md, "JAX and grain pitfalls"), which would break mined B3 batches.
 
 A record (dict of numpy arrays, every shape fixed for a given source):
 - ``query``: `ModelInputs` of the per_host queries, row i = planned row i of this host's slice.

@@ -1,9 +1,9 @@
 """Which datasets exist and what they are: MMEB's 36 evaluation datasets and 20 training subsets.
 
 Readers need a dataset's meta-task (it picks B3's positive prompt) and reports need its IND/OOD
-split (MMEB averages them separately). Both come from MMEB's tables (REFERENCE section 3), merged
-with a `datasets.json` at a data root, so local benchmarks (the built-in synthetic one) describe
-themselves without code changes:
+split (MMEB averages them separately). Both come from MMEB's tables (docs/reference.md, "MMEB
+datasets and splits"), merged with a `datasets.json` at a data root, so local benchmarks (the
+built-in synthetic one) describe themselves without code changes:
 
     {"<name>": {"meta_task": "classification" | "vqa" | "retrieval" | "grounding",
                 "split": "IND" | "OOD"}}

@@ -245,7 +245,8 @@ class Scale:
 SCALES: dict[str, Scale] = {
     # Tests: a few hundred train rows, rendered serially in about a second.
     "small": Scale(train_rows=64, eval_rows=12, retrieval=10, vqa=10, grounding=10, hard=4, workers=1),
-    # The demo (REFERENCE section 6): ~1000 steps of batch 64 in 8 minutes see each row ~3 times.
+    # The demo (docs/reference.md, "The demo's budget"): ~1000 steps of batch 64 in 8 minutes see
+    # each row ~3 times.
     "default": Scale(train_rows=4000, eval_rows=200, retrieval=100, vqa=40, grounding=24, hard=20, workers=2),
     # `make demo`: default's train rows (byte-identical files), eval candidates as MMEB draws them (other
     # rows' targets at random, no one-edit distractors). Default's 20 near-duplicates per query make

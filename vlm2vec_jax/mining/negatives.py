@@ -1,10 +1,11 @@
 """B3++ hard negatives: per cluster, rows drawn from where the cluster's rankings agree.
 
-For a cluster C (REFERENCE section 4): score(j) = appearances of j in R[C, :p+m], minus 2 for each
-appearance in R[C, :p] (the false-negative zone), members of C scored 0. |C| x h rows are drawn
-without replacement with probability proportional to the positive scores, then dealt to the
-members, h each at most, skipping for each query the rows it must never see as a negative: its own
-false-negative zone R[i, :p] and rows whose target equals its positive (a repeated label or answer).
+For a cluster C (docs/reference.md, "B3 batch mining"): score(j) = appearances of j in R[C, :p+m],
+minus 2 for each appearance in R[C, :p] (the false-negative zone), members of C scored 0. |C| x h
+rows are drawn without replacement with probability proportional to the positive scores, then
+dealt to the members, h each at most, skipping for each query the rows it must never see as a
+negative: its own false-negative zone R[i, :p] and rows whose target equals its positive (a
+repeated label or answer).
 A row's negatives are rows whose positives become extra targets of that row's query.
 """
 

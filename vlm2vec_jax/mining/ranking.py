@@ -8,10 +8,11 @@ being read back so the host never waits on an idle device.
 
 Two scores, one machinery:
 - `rank_targets` (retrieval, VQA, grounding): cos(query i, positive j), j = i excluded.
-- `rank_by_label` (classification, REFERENCE section 4): a row's target is its class label, so the
-  ranking is over labels: i's top ceil(30% x #labels) predicted labels, its gold label removed,
-  and the rows whose gold label is among them, by label rank (ties within a label broken by query
-  similarity). Rows sharing i's label, i included, never appear: they have i's positive.
+- `rank_by_label` (classification; docs/reference.md, "B3 batch mining"): a row's target is its
+  class label, so the ranking is over labels: i's top ceil(30% x #labels) predicted labels, its
+  gold label removed, and the rows whose gold label is among them, by label rank (ties within a
+  label broken by query similarity). Rows sharing i's label, i included, never appear: they have
+  i's positive.
 Entries past the last row that qualifies are `NO_ROW`.
 """
 

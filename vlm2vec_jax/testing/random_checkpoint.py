@@ -42,7 +42,8 @@ HUB_PREPROCESSOR_CONFIG = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
 }
-# Ids every Qwen2-VL tokenizer must give its special tokens (REFERENCE.md section 1).
+# Ids every Qwen2-VL tokenizer must give its special tokens
+# (docs/reference.md, "Qwen2-VL special tokens").
 QWEN2VL_SPECIAL_IDS = {
     "<|endoftext|>": 151643,
     "<|vision_start|>": 151652,

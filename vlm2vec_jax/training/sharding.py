@@ -38,7 +38,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {int(np.prod(sizes))} devices; there are {len(devices)}")
-    # Auto axes: jax 0.10 defaults to Explicit, under which sharding constraints raise (REFERENCE section 5).
+    # Auto axes: jax 0.10 defaults to Explicit, under which sharding constraints raise
+    # (docs/reference.md, "JAX and grain pitfalls").
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
