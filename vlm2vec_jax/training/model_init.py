@@ -7,6 +7,7 @@ written, with config.json and preprocessor_config.json, into the workdir so the 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,20 @@ def scale_init_(model: nnx.Module, seed: int) -> None:
     transformers' std 0.02 suits a pretrained checkpoint's scale, not training from scratch: in a
     small model it leaves hidden states tiny and attention nearly uniform, and the contrastive loss
     then collapsed here (every embedding equal, loss ln(batch), zero gradient). Fan-in scaling keeps
-    activations O(1) through every layer."""
+    activations O(1) through every layer. Each leaf's draw is keyed by its path (`_path_key`)."""
     key = jax.random.key(seed)
-    for i, (path, variable) in enumerate(nnx.iter_graph(model)):
+    for path, variable in nnx.iter_graph(model):
         if not isinstance(variable, nnx.Param) or not path or path[-1] not in ("kernel", "embedding"):
             continue
         value = variable[...]
         std = 1.0 if path[-1] == "embedding" else value.shape[-2] ** -0.5
-        variable.set_value((std * jax.random.normal(jax.random.fold_in(key, i), value.shape)).astype(value.dtype))
+        variable.set_value((std * jax.random.normal(_path_key(key, path), value.shape)).astype(value.dtype))
+
+
+def _path_key(key: jax.Array, path: tuple[Any, ...]) -> jax.Array:
+    """A leaf's key from its path, not its position in the graph: a module that gains an attribute
+    (any graph node, a string included) leaves every other leaf's draw as it was."""
+    return jax.random.fold_in(key, zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF)
 
 
 def init_dirs(init: str | Path) -> tuple[Path, Path]:
