@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-Implementation = Literal["auto", "dense", "xla", "splash"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "dense", "xla", "splash")
 AUTO_BY_BACKEND = {"cpu": "dense", "gpu": "xla", "tpu": "splash"}
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the (rounded-up) row length is used
