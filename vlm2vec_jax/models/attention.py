@@ -63,21 +63,25 @@ class SegmentMask:
     def for_queries(self, query_index: jax.Array) -> SegmentMask:
         """The mask of only the tokens `query_index` (B, Q) names as queries (keys: every token),
         dense whatever the kernel: Q x L is small, and splash needs square causal blocks."""
-        ids = self.segment_ids
-        query_segment = jnp.take_along_axis(ids, query_index, axis=1)
-        sees = (query_segment[:, :, None] == ids[:, None, :]) & (ids > 0)[:, None, :]
-        if self.causal:
-            sees &= jnp.arange(ids.shape[1])[None, None, :] <= query_index[:, :, None]
-        return SegmentMask(query_segment, self.causal, "dense", sees[:, None])
+        query_segment = jnp.take_along_axis(self.segment_ids, query_index, axis=1)
+        sees = _sees(query_segment, query_index, self.segment_ids, causal=self.causal)
+        return SegmentMask(query_segment, self.causal, "dense", sees)
 
 
 def dense_mask(segment_ids: jax.Array, *, causal: bool) -> jax.Array:
     """(B, L) -> boolean (B, 1, L, L): q sees k iff both lie in the same segment and k is not
     padding (segment 0), and k <= q when causal. A 0/1 attention mask is the one-segment case."""
-    length = segment_ids.shape[1]
-    sees = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids > 0)[:, None, :]
+    return _sees(segment_ids, jnp.arange(segment_ids.shape[1])[None], segment_ids, causal=causal)
+
+
+def _sees(
+    query_segment: jax.Array, query_position: jax.Array, key_segment: jax.Array, *, causal: bool
+) -> jax.Array:
+    """The one rule: queries (B, Q) at row positions (B or 1, Q) see keys (B, L) of their own
+    segment that are not padding, and none after them when causal; -> (B, 1, Q, L)."""
+    sees = (query_segment[:, :, None] == key_segment[:, None, :]) & (key_segment > 0)[:, None, :]
     if causal:
-        sees &= jnp.tril(jnp.ones((length, length), bool))[None]
+        sees &= jnp.arange(key_segment.shape[1])[None, None, :] <= query_position[:, :, None]
     return sees[:, None]
 
 

@@ -215,6 +215,11 @@ def lora_adapters(model: nnx.Module) -> Iterator[LoRALinear]:
             yield node
 
 
+def has_lora(model: nnx.Module) -> bool:
+    """Whether the model carries any adapter (e.g. it came from a PEFT adapter directory)."""
+    return next(lora_adapters(model), None) is not None
+
+
 def lora_config_of(model: nnx.Module) -> LoRAConfig:
     """The `LoRAConfig` the model's adapters were built with (rank, alpha, dropout, targets, DoRA),
     read back from the modules so an export needs nothing but the model."""

@@ -33,7 +33,7 @@ from vlm2vec_jax.data.registry import eval_datasets
 from vlm2vec_jax.embedder import Embedder
 from vlm2vec_jax.evaluation.evaluate import evaluate
 from vlm2vec_jax.evaluation.summary import summarize
-from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, lora_adapters, lora_config_of, merge_lora
+from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, has_lora, lora_config_of, merge_lora
 from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_peft_adapter
 from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
@@ -76,7 +76,7 @@ def add_adapters(model: Qwen2VL, config: ml_collections.ConfigDict) -> None:
     """LoRA/DoRA adapters as `config.lora` says, in place, when `train.mode` is "lora". A model that
     came with adapters (`model.init` a PEFT adapter directory) keeps them for "lora" (the file, not
     `lora.*`, sets rank, alpha, targets and DoRA) and has them merged in for "full"."""
-    if any(True for _ in lora_adapters(model)):
+    if has_lora(model):
         if config.train.mode != "lora":
             merge_lora(model)
         return
@@ -203,7 +203,7 @@ class Trainer:
             lora_dropout=c.lora.dropout,
         )
         self.model_config = model.config
-        if any(True for _ in lora_adapters(model)):
+        if has_lora(model):
             a = lora_config_of(model)
             use = "training these adapters (lora.* other than dropout unused)" if c.train.mode == "lora" else "merged in (train.mode=full)"
             self._print(f"model.init is a PEFT adapter (rank {a.rank}, alpha {a.alpha:g}, {'DoRA' if a.use_dora else 'LoRA'} "
