@@ -1,8 +1,10 @@
 """Embedder.encode equals transformers' own pipeline item by item, packed (the default) or not, and
 is independent of batching (more on packing in test_embedder_packing.py)."""
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from hf_reference import HFReference, hf_embedding
@@ -107,3 +109,29 @@ def test_export_then_reload_gives_the_same_vectors(embedder, tmp_path):
     items = [item for item, _, _ in CASES]
     reloaded = Embedder.from_pretrained(embedder.save_pretrained(tmp_path / "export"))
     np.testing.assert_array_equal(reloaded.encode(items), embedder.encode(items))
+
+
+def test_embedders_of_one_architecture_share_compiled_programs(tiny_ckpt, embedder, expected):
+    """A second Embedder (another load, then other weights) compiles nothing the first one compiled,
+    and runs its own weights."""
+    items = [item for item, _, _ in CASES]
+    embedder.encode(items, batch_size=4)  # every bucket these items need is compiled now
+    compiles = []
+
+    def count(event: str, _seconds: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    reloaded = Embedder.from_pretrained(tiny_ckpt)
+    shifted = Embedder.from_pretrained(tiny_ckpt)
+    nnx.update(shifted.model, jax.tree.map(lambda x: x * 1.01, nnx.state(shifted.model, nnx.Param)))
+    shifted = Embedder(shifted.model, shifted.text, shifted.image_config)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        again = reloaded.encode(items, batch_size=4)
+        moved = shifted.encode(items, batch_size=4)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == [], f"{len(compiles)} programs were compiled again"
+    np.testing.assert_allclose(again, expected, atol=ATOL, rtol=0)
+    assert np.abs(moved - expected).max() > 1e-3  # the shared program ran the new weights

@@ -18,6 +18,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,14 @@ DEFAULT_MAX_LEN = 32768
 CHUNK_BATCHES = 16
 # Batches dispatched ahead of the one being read back: keeps the device busy while the host works.
 IN_FLIGHT_BATCHES = 4
+
+
+@partial(jax.jit, static_argnums=0)
+def embed_program(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, np.ndarray]) -> jax.Array:
+    """The jitted forward of every Embedder. Module level with the graphdef static, so Embedders of
+    the same architecture (a new one per evaluation during training, the mining teacher, a
+    reloaded checkpoint) share compiled programs instead of recompiling every bucket."""
+    return nnx.merge(graphdef, state).embed(batch)
 
 
 class Embedder:
@@ -79,9 +88,7 @@ class Embedder:
         self._max_patches = max_patches
         self._batchers: dict[int, Batcher] = {}  # by rows
         self._packers: dict[int, PackedBatcher] = {}  # by max rows
-        graphdef, state = nnx.split(model)
-        self._state = state
-        self._forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state).embed(batch))
+        self._graphdef, self._state = nnx.split(model)
 
     @classmethod
     def from_pretrained(
@@ -173,7 +180,7 @@ class Embedder:
     def embed_batch(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
         """Unit vectors (one per row, or per slot when packed) of one built batch; returns
         immediately (asynchronous dispatch)."""
-        return self._forward(self._state, batch)
+        return embed_program(self._graphdef, self._state, batch)
 
     def batches(self, items: Sequence[Item], batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Bucketed batches, each with the index of the item behind every vector the model returns

@@ -18,29 +18,20 @@ XLA needs a vision row on another device it moves it, so the vectors equal the o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from vlm2vec_jax.embedder import Embedder, Item
+from vlm2vec_jax.embedder import Embedder, Item, embed_program
 
 __all__ = ["DATA_AXIS", "DataParallelEmbedder", "host_local_copy"]
 
 DATA_AXIS = "data"
 # position_ids is (3, B, L); every other array of a batch has its rows first.
 _ROW_AXIS = {"position_ids": 1}
-
-
-@partial(jax.jit, static_argnums=0)
-def _embed(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, np.ndarray]) -> jax.Array:
-    # Module level with a static graphdef: every DataParallelEmbedder of the same architecture (a new
-    # one per evaluation during training) reuses the compiled programs.
-    return nnx.merge(graphdef, state).embed(batch)
 
 
 def host_local_copy(x: Any) -> np.ndarray | jax.Array:
@@ -68,9 +59,8 @@ class DataParallelEmbedder(Embedder):
         self.rows_multiple = len(devices)  # every packed batch splits over the mesh
         # Auto axis type: jax 0.10 defaults to Explicit, under which sharding propagation raises.
         self.mesh: Mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
-        self._graphdef, state = nnx.split(self.model)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._replicated_state = jax.tree.map(lambda x: jax.device_put(host_local_copy(x), replicated), state)
+        self._replicated_state = jax.tree.map(lambda x: jax.device_put(host_local_copy(x), replicated), self._state)
 
     def encode(self, items: Sequence[Item], *, batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
         """(N, D) unit vectors of `items`, this host encoding items[process_index::process_count]."""
@@ -93,7 +83,7 @@ class DataParallelEmbedder(Embedder):
         immediately."""
         placed = {key: jax.device_put(value, self._sharding(key, value)) for key, value in batch.items()}
         with jax.set_mesh(self.mesh):  # kernels XLA cannot partition (splash attention) shard_map over it
-            return _embed(self._graphdef, self._replicated_state, placed)
+            return embed_program(self._graphdef, self._replicated_state, placed)
 
     def _sharding(self, key: str, value: np.ndarray) -> NamedSharding:
         """Rows split over the mesh when the device count divides them, else replicated."""
