@@ -15,6 +15,7 @@ from vlm2vec_jax.data.profile_budget import budget_from_profile, mix_means
 from vlm2vec_jax.data.profiles import BUILTIN, resolve_profile
 from vlm2vec_jax.models.qwen2_vl.geometries import qwen2vl_2b_config
 from vlm2vec_jax.training.model_flops import FlopsModel
+from vlm2vec_jax.training.pack_budget import with_overrides
 
 FLOPS = FlopsModel(qwen2vl_2b_config(), rank=8)
 SHARDS, QUERIES = 8, 1024
@@ -122,3 +123,24 @@ def test_the_flops_formula_names_what_it_does_not_cover() -> None:
     config.train.mode, config.lora.dropout, config.model.remat = "lora", 0.0, False
     model = FlopsModel.of(config, qwen2vl_2b_config())
     assert (model.base_passes, model.caching, model.remat) == (1, True, False)
+
+
+def _train(**keys) -> ml_collections.ConfigDict:
+    defaults = dict(gc_chunk_size=8, pack_text_len=0, pack_text_rows=0, pack_vision_rows=0, pack_chunks=0)
+    return ml_collections.ConfigDict({**defaults, **keys})
+
+
+def test_pack_keys_override_a_budget_and_a_new_row_length_keeps_its_tokens(profile) -> None:
+    """One rule for the profiled and the covering budget: unset keys change nothing, a set key wins,
+    a shorter `pack_text_len` alone rescales the rows to hold at least the same tokens, and a
+    text-only budget never gains vision rows."""
+    base = budget(profile)
+    assert with_overrides(base, _train()) == base
+    longer = with_overrides(base, _train(pack_text_len=base.text_len // 2))
+    assert longer.text_len * longer.text_rows >= base.text_len * base.text_rows > longer.text_len * (longer.text_rows - 1)
+    explicit = with_overrides(base, _train(pack_text_len=base.text_len // 2, pack_text_rows=3, pack_vision_rows=5, pack_chunks=7))
+    assert (explicit.text_rows, explicit.vision_rows, explicit.chunks) == (3, 5, 7)
+    text_only = dataclasses.replace(base, vision_rows=0)
+    assert with_overrides(text_only, _train(pack_vision_rows=5)).vision_rows == 0
+    with pytest.raises(ValueError, match=r"train.pack_chunks > 1 needs GradCache \(train.gc_chunk_size > 0\)"):
+        with_overrides(base, _train(gc_chunk_size=0, pack_chunks=2))

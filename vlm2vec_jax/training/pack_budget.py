@@ -36,17 +36,21 @@ def packing_budget(
         patches_per_row=source.patches_per_row, query_images=source.query_vision_rows > 0,
         target_images=source.target_vision_rows > 0, gc_chunks=num_chunks(queries, c.gc_chunk_size),
     )
-    if c.gc_chunk_size == 0 and c.pack_chunks > 1:
+    return with_overrides(default, c)
+
+
+def with_overrides(budget: PackBudget, train: ml_collections.ConfigDict) -> PackBudget:
+    """`budget` with the `train.pack_*` keys that are set (non-zero) in its place. A new row length
+    keeps the chunk's tokens: the rows are rescaled unless `train.pack_text_rows` is set too."""
+    if train.gc_chunk_size == 0 and train.pack_chunks > 1:
         raise ValueError("train.pack_chunks > 1 needs GradCache (train.gc_chunk_size > 0): without it a step is one chunk")
-    vision_rows = c.pack_vision_rows or default.vision_rows
-    text_len = c.pack_text_len or default.text_len
+    text_len = train.pack_text_len or budget.text_len
     return dataclasses.replace(
-        default,
+        budget,
         text_len=text_len,
-        # the padded chunk's tokens at the row length asked for
-        text_rows=c.pack_text_rows or -(-default.text_rows * default.text_len // text_len),
-        vision_rows=vision_rows if default.vision_rows else 0,
-        chunks=c.pack_chunks or default.chunks,
+        text_rows=train.pack_text_rows or -(-budget.text_rows * budget.text_len // text_len),
+        vision_rows=(train.pack_vision_rows or budget.vision_rows) if budget.vision_rows else 0,
+        chunks=train.pack_chunks or budget.chunks,
     )
 
 
@@ -62,8 +66,7 @@ def profile_budget(
     config: ml_collections.ConfigDict, geometry: Qwen2VLConfig, profile: Profile, image: ImageProcessorConfig, mesh: Mesh
 ) -> PackBudget:
     """The packed chunk budget of `config` on `profile`: `budget_from_profile` for one device shard
-    (rows weighed by the recipe's FLOPs formula), with the `train.pack_*` keys winning where set (as
-    the trainer's `packing_budget` does)."""
+    (rows weighed by the recipe's FLOPs formula), with the `train.pack_*` keys winning where set."""
     c, m = config.train, config.model
     costs = FlopsModel(geometry, config.lora.rank)  # relative row costs only: the recipe's formula serves any mode
     shards = batch_size_of(mesh)
@@ -74,10 +77,4 @@ def profile_budget(
         max_text_len=max(query_len, target_len), max_patches=vision_row_patches(image, min(query_len, target_len)),
         text_row_cost=lambda n: float(costs.decoder(n)), vision_row_cost=lambda n: float(costs.vision(n)),
     )
-    return dataclasses.replace(
-        budget,
-        text_len=c.pack_text_len or budget.text_len,
-        text_rows=c.pack_text_rows or budget.text_rows,
-        vision_rows=(c.pack_vision_rows or budget.vision_rows) if budget.vision_rows else 0,
-        chunks=c.pack_chunks or budget.chunks,
-    )
+    return with_overrides(budget, c)
