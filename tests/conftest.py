@@ -1,10 +1,15 @@
 """Shared fixtures: tiny real Qwen2-VL checkpoints written by transformers into temp dirs."""
 
+import os
 from pathlib import Path
 
 import pytest
 
+from training_runs import FAST_COMPILE_FLAG
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint
+
+# Read when JAX's CPU backend starts, after this (subprocesses that inherit the environment get it too).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training_runs import xla_flags
 from vlm2vec_jax import Embedder
 from vlm2vec_jax.data.mmeb_eval import read_mmeb_eval
 from vlm2vec_jax.data.synthetic import generate
@@ -99,7 +100,7 @@ def test_eight_devices_equal_one(tiny_ckpt, items, one_device, tmp_path):
     items_file = tmp_path / "items.json"
     items_file.write_text(json.dumps(items))
     out = tmp_path / "vectors.npy"
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {"XLA_FLAGS": xla_flags(8)}
     report = json.loads(finish(run_script(EIGHT_DEVICES, [str(tiny_ckpt), str(items_file), str(out)], env, tmp_path)))
     assert report == {"devices": 8, "spec": "P('data',)"}  # a full batch really is split 8 ways
     np.testing.assert_allclose(np.load(out), one_device, atol=ATOL, rtol=0)
@@ -111,7 +112,7 @@ def test_two_processes_equal_one(tiny_ckpt, items, one_device, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"XLA_FLAGS": ""}
+    env = {"XLA_FLAGS": xla_flags()}
     outs = [tmp_path / f"vectors{i}.npy" for i in range(2)]
     processes = [
         run_script(TWO_PROCESSES, [str(i), str(port), str(tiny_ckpt), str(items_file), str(outs[i])], env, tmp_path)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from training_runs import xla_flags
 from vlm2vec_jax.mining.ranking import LABEL_FRACTION, NO_ROW, rank_by_label, rank_targets, unit_rows
 
 
@@ -85,7 +86,7 @@ print(json.dumps(checks))
 
 
 def test_eight_devices_equal_brute_force():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
     done = subprocess.run(
         [sys.executable, "-c", EIGHT_DEVICES, os.path.dirname(__file__)], env=env, capture_output=True, text=True,
         timeout=300,
