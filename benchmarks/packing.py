@@ -75,8 +75,10 @@ from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained  # noqa: E402
 from vlm2vec_jax.processing.image import resized_size  # noqa: E402
 from vlm2vec_jax.processing.text import with_image_placeholder  # noqa: E402
 from vlm2vec_jax.training import data_setup  # noqa: E402
-from vlm2vec_jax.training.loop import Trainer, compile_step, device_batch  # noqa: E402
+from vlm2vec_jax.training.compiled_step import compile_step  # noqa: E402
+from vlm2vec_jax.training.loop import Trainer  # noqa: E402
 from vlm2vec_jax.training.model_init import RANDOM, init_model, write_random_model_dir  # noqa: E402
+from vlm2vec_jax.training.placement import device_batch  # noqa: E402
 
 from accelerator_step import SMALL  # noqa: E402  (the "small" widths both benchmarks run)
 from torch_peer import TorchEncoder, TorchPeft, adapter_arrays, torch_gradcache_batch  # noqa: E402

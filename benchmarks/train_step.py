@@ -53,11 +53,12 @@ from vlm2vec_jax.processing.text import TextProcessor
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint, tiny_image
 from vlm2vec_jax.training.chunks import row_axis
 from vlm2vec_jax.training.forward import make_embed_factory
-from vlm2vec_jax.training.loop import device_batch, place, trainable_filter
 from vlm2vec_jax.training.optimizer import make_optimizer
+from vlm2vec_jax.training.placement import device_batch, place
 from vlm2vec_jax.training.sharding import batch_sharding, make_mesh
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, param_shardings
 from vlm2vec_jax.training.step import MASKS, SIDES, StepOptions, make_train_step
+from vlm2vec_jax.training.trainable import split_for_training
 from vlm2vec_jax.training.throughput import matmul_flops, measured_matmul_peak
 
 from torch_peer import TorchPeft, adapter_arrays  # benchmarks/torch_peer.py (this folder is sys.path[0])
@@ -140,7 +141,7 @@ class Ours:
         self.image_config = ImageProcessorConfig.from_pretrained_dir(directory)
         self.lora = LoRAConfig(args.rank, args.alpha, args.dropout, HF_TARGETS, use_dora=not args.no_dora)
         apply_lora(model, self.lora, nnx.Rngs(args.seed + 1))
-        self.graphdef, params, frozen = nnx.split(model, trainable_filter("lora", True), ...)
+        self.graphdef, params, frozen = split_for_training(model, "lora", freeze_vision=True)
         # On the host: every fresh state gets its own buffers (the step donates the state).
         self.params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         self.mesh = make_mesh(-1, 1, 1)

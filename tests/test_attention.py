@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from training_runs import xla_flags
 from vlm2vec_jax import Embedder
 from vlm2vec_jax.models.attention import SegmentMask, attention, resolve
 from vlm2vec_jax.models.qwen2_vl.config import ConfigError, Qwen2VLConfig
@@ -132,7 +133,7 @@ def test_splash_runs_per_shard_under_a_mesh():
     import subprocess
     import sys
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
     done = subprocess.run([sys.executable, "-c", ON_A_MESH, os.path.dirname(__file__)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from vlm2vec_jax.batch import TEXT_KEYS, VISION_KEYS
+from vlm2vec_jax.models.qwen2_vl.model_dir_files import build_tiny_tokenizer
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example, pick_bucket, shape_signature
 from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image, vision_patch_positions
 from vlm2vec_jax.processing.rope_index import rope_index
 from vlm2vec_jax.processing.text import TextProcessor
-from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_tokenizer, tiny_image
+from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
 MAX_PIXELS = 56 * 56 * 4  # the tiny checkpoint's default: at most 64 patches per image
 IMAGES = ImageProcessorConfig(max_pixels=MAX_PIXELS)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from vlm2vec_jax import Embedder
+from vlm2vec_jax.models.qwen2_vl.model_dir_files import build_tiny_tokenizer
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image
 from vlm2vec_jax.processing.packed_batching import PackedBatcher, first_fit
 from vlm2vec_jax.processing.text import TextProcessor
-from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_tokenizer, tiny_image
+from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
 ATOL = 1e-5
 IMG_A, IMG_B, IMG_C, IMG_D = tiny_image(100, 60, 1), tiny_image(56, 120, 2), tiny_image(20, 200, 3), tiny_image(180, 150, 4)

@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 
 from vlm2vec_jax.cli_config import USAGE_ERROR, ConfigError, config_keys, dump_config, run_cli
 from vlm2vec_jax.eval import main as eval_main
-from vlm2vec_jax.eval import resolve_model_dir
+from vlm2vec_jax.models.model_dir import resolve_model_dir
 
 # ml_collections loads config files with the deprecated importlib `load_module`
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")

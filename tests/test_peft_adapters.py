@@ -30,7 +30,7 @@ from train_fixtures import perturbed_dora
 from training_runs import environment, finish, flat_numpy, shared_dirs, start, tail, train_command
 from vlm2vec_jax import Embedder
 from vlm2vec_jax.cli_config import ConfigError, parse_config
-from vlm2vec_jax.eval import resolve_model_dir
+from vlm2vec_jax.models.model_dir import resolve_model_dir
 from vlm2vec_jax.models.lora import FUSED_GROUPS, LoRAParam, lora_config_of, lora_parameter_count
 from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_peft_adapter, read_peft_adapter, write_peft_adapter
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained

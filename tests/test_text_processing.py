@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from vlm2vec_jax.models.qwen2_vl.model_dir_files import SPECIAL_TOKENS, build_tiny_tokenizer
 from vlm2vec_jax.processing.text import TextProcessor
-from vlm2vec_jax.testing.tiny_checkpoint import SPECIAL_TOKENS, build_tiny_tokenizer
 
 PLAIN_TEXTS = [
     "Represent the given image for classification.",

@@ -8,10 +8,16 @@ are config overrides, e.g. `python -m vlm2vec_jax.demo --config.train.steps=100`
 import sys
 from pathlib import Path
 
-from vlm2vec_jax import train
+import ml_collections
+
 from vlm2vec_jax.cli_config import run_cli
+from vlm2vec_jax.training.job import run_job
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
+
+
+def _train(config: ml_collections.ConfigDict) -> int:
+    return run_job(config, command="vlm2vec_jax.demo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if not DEMO_CONFIG.is_file():
         print(f"vlm2vec_jax.demo: {DEMO_CONFIG} is missing; run the demo from a checkout of the repository")
         return 1
-    return run_cli(train.main, [argv[0], f"--config={DEMO_CONFIG}", *argv[1:]], command="vlm2vec_jax.demo",
+    return run_cli(_train, [argv[0], f"--config={DEMO_CONFIG}", *argv[1:]], command="vlm2vec_jax.demo",
                    example_config="configs/demo.py")
 
 

@@ -30,39 +30,10 @@ from vlm2vec_jax.evaluation import (
     summarize,
     write_report,
 )
-from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_dir, is_adapter_dir
+from vlm2vec_jax.models.model_dir import resolve_model_dir
 from vlm2vec_jax.processing.rope_index import ROPE_RULES
 
-EXPORT_DIR = "export"
 DTYPES = ("float32", "bfloat16")
-
-
-def resolve_model_dir(path: str) -> Path:
-    """A Hugging Face directory or a PEFT adapter directory as given, or a training workdir's
-    `export/` (either kind); an adapter is merged onto its base_model_name_or_path when loaded."""
-    if not path:
-        raise ConfigError("set --config.model to a Hugging Face model directory, a PEFT adapter directory or a training workdir")
-    root = Path(path)
-    export = root / EXPORT_DIR
-    if export.is_dir():
-        root = export
-    elif not root.is_dir():
-        raise ConfigError(f"model {path}: no such directory")
-    if is_adapter_dir(root):
-        if not (root / ADAPTER_WEIGHTS).is_file():
-            raise ConfigError(f"model {path}: {root / ADAPTER_CONFIG} without {ADAPTER_WEIGHTS}")
-        try:
-            base_dir(root)  # before anything is loaded: a supported adapter config, and its base on disk
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"model {path}: {err}") from None
-        return root
-    if not (root / "config.json").is_file() or not any(root.glob("*.safetensors")):
-        raise ConfigError(
-            f"model {path}: neither a Hugging Face model directory (config.json + *.safetensors), a PEFT adapter directory "
-            f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) nor a training workdir with an exported model in {export} "
-            "(export the trained weights first)"
-        )
-    return root
 
 
 def _names(value: str) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 from vlm2vec_jax.cli_config import REPORTED_ERRORS, ConfigError, dump_config, run_cli
 from vlm2vec_jax.data.mmeb_train import TrainSet
 from vlm2vec_jax.data.registry import UnknownDatasetError, train_subset_info
-from vlm2vec_jax.eval import resolve_model_dir
+from vlm2vec_jax.models.model_dir import resolve_model_dir
 from vlm2vec_jax.mining.batches import write_batch_file
 from vlm2vec_jax.mining.miner import MiningSettings, TaskData, mine
 from vlm2vec_jax.mining.report import report_table, write_report

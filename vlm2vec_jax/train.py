@@ -6,25 +6,12 @@ import sys
 
 import ml_collections
 
-from vlm2vec_jax.cli_config import REPORTED_ERRORS, run_cli
-from vlm2vec_jax.training.distributed import initialize
+from vlm2vec_jax.cli_config import run_cli
+from vlm2vec_jax.training.job import run_job
 
 
 def main(config: ml_collections.ConfigDict) -> int:
-    try:
-        if config.dry_run:  # compile only, on simulated devices: no cluster to join
-            from vlm2vec_jax.training.dry_run import dry_run
-
-            dry_run(config)
-        else:
-            initialize(config.distributed)
-            from vlm2vec_jax.training.loop import Trainer  # after jax.distributed is up
-
-            Trainer(config).run()
-    except REPORTED_ERRORS as err:
-        print(f"vlm2vec_jax.train: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_job(config, command="vlm2vec_jax.train")
 
 
 if __name__ == "__main__":

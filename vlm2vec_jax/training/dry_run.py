@@ -13,8 +13,8 @@ FLOPs count each chunk loop as many times as the drawn batches fill chunks. Ever
 expectation over the subsets, each weighted by its share of training rows.
 
 The model, adapters, trainable/frozen split, optimizer, state layout and step are the training
-run's own (`loop.add_adapters`, `loop.split_for_training`, `state.abstract_train_state`,
-`loop.compile_step`); only the weights and the batch are shapes here. Caveats the numbers carry:
+run's own (`trainable.add_adapters`, `trainable.split_for_training`, `optimizer.optimization`,
+`state.abstract_train_state`, `compiled_step.compile_step`); only the weights and the batch are shapes here. Caveats the numbers carry:
 the compile is XLA's CPU backend, so memory is its buffer assignment (attention scores are
 materialised; a GPU build with fused attention needs less, and adds its own workspace and runtime
 context), and the projection assumes an MFU rather than measuring one.
@@ -45,14 +45,16 @@ from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
 from vlm2vec_jax.processing.batching import ShapeSignature
 from vlm2vec_jax.processing.image import ImageProcessorConfig, raw_patch_dim
 from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
-from vlm2vec_jax.training.loop import CompiledStep, add_adapters, compile_step, master_weights, optimization, split_for_training
+from vlm2vec_jax.training.compiled_step import CompiledStep, compile_step
 from vlm2vec_jax.training.model_flops import FlopsModel
 from vlm2vec_jax.training.pack_budget import profile_budget
 from vlm2vec_jax.training.model_init import RANDOM, init_dirs
+from vlm2vec_jax.training.optimizer import optimization
 from vlm2vec_jax.training.packed_gradcache import executed_trips
 from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh, uses_shard_map
 from vlm2vec_jax.training.state import abstract_train_state, param_shardings
 from vlm2vec_jax.training.step import MASKS, PACKED, SIDES
+from vlm2vec_jax.training.trainable import add_adapters, master_weights, split_for_training
 
 GIB = 2.0**30
 REPORT_FILE = "dry_run.json"
@@ -144,7 +146,7 @@ def abstract_packed_batch(
     config: ml_collections.ConfigDict, budget: PackBudget, image: ImageProcessorConfig, mesh: Mesh
 ) -> dict[str, Any]:
     """The packed global batch (`data/packing.py`'s layout, one leading entry per device shard, as
-    `loop.device_batch` places it) as sharded ShapeDtypeStructs."""
+    `placement.device_batch` places it) as sharded ShapeDtypeStructs."""
     k, c, rt, lt = batch_size_of(mesh), budget.chunks, budget.text_rows, budget.text_len
     rv, p, s = budget.vision_rows, budget.vision_patches, budget.slots
     patch_dim = raw_patch_dim(image)
@@ -188,7 +190,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         add_adapters(model, c)
         return model
 
-    graphdef, params, frozen = split_for_training(nnx.eval_shape(build), c)
+    graphdef, params, frozen = split_for_training(nnx.eval_shape(build), c.train.mode, c.train.freeze_vision)
     params = jax.eval_shape(master_weights, params)
     schedule, optimizer = optimization(c)
     abstract = abstract_train_state(params, optimizer, mesh)

@@ -6,7 +6,6 @@ Every process of a multi-host run executes this same code on its slice of each g
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import signal
@@ -16,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -33,7 +30,8 @@ from vlm2vec_jax.data.registry import eval_datasets
 from vlm2vec_jax.embedder import Embedder
 from vlm2vec_jax.evaluation.evaluate import evaluate
 from vlm2vec_jax.evaluation.summary import summarize
-from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, has_lora, lora_config_of, merge_lora
+from vlm2vec_jax.models.lora import has_lora, lora_config_of, merge_lora
+from vlm2vec_jax.models.model_dir import EXPORT_DIR
 from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_peft_adapter
 from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
@@ -41,18 +39,18 @@ from vlm2vec_jax.processing.image import ImageProcessorConfig
 from vlm2vec_jax.processing.text import TextProcessor
 from vlm2vec_jax.training import data_setup
 from vlm2vec_jax.training.checkpoint import Checkpointer
-from vlm2vec_jax.training.forward import make_embed_factory
+from vlm2vec_jax.training.compiled_step import compile_step
 from vlm2vec_jax.training.metrics_log import MetricsLog
 from vlm2vec_jax.training.model_init import RANDOM, init_dirs, init_model, write_random_model_dir
 from vlm2vec_jax.training.pack_budget import packing_budget, packs
-from vlm2vec_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from vlm2vec_jax.training.sharding import batch_sharding, batch_size_of, make_mesh
-from vlm2vec_jax.training.state import abstract_train_state, init_train_state, leaf_names, param_shardings
-from vlm2vec_jax.training.step import MASKS, PACKED, SIDES, StepOptions, TrainState, make_train_step
+from vlm2vec_jax.training.optimizer import optimization
+from vlm2vec_jax.training.placement import device_batch, place
+from vlm2vec_jax.training.sharding import batch_size_of, make_mesh
+from vlm2vec_jax.training.state import abstract_train_state, init_train_state, param_shardings
 from vlm2vec_jax.training.throughput import StepFlops, peak_flops
+from vlm2vec_jax.training.trainable import add_adapters, master_weights, split_for_training
 
 log = logging.getLogger(__name__)
-MODES = ("lora", "full")
 EXPORT_FORMATS = ("merged", "peft")
 
 
@@ -60,118 +58,6 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf: training stops, nothing is saved from the failing step. The message
     names the step (1-based, as metrics.jsonl and checkpoints count) and which checkpoint to resume
     from: one saved right before the failing step holds the very parameters the loss came from."""
-
-
-def trainable_filter(mode: str, freeze_vision: bool) -> nnx.filterlib.Filter:
-    """LoRA: the adapters; full: every parameter; plus (or minus) the vision tower."""
-    if mode not in MODES:
-        raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
-    vision = nnx.All(nnx.Param, nnx.PathContains("visual"))
-    if mode == "lora":
-        return LoRAParam if freeze_vision else nnx.Any(LoRAParam, vision)
-    return nnx.All(nnx.Param, nnx.Not(vision)) if freeze_vision else nnx.Param
-
-
-def add_adapters(model: Qwen2VL, config: ml_collections.ConfigDict) -> None:
-    """LoRA/DoRA adapters as `config.lora` says, in place, when `train.mode` is "lora". A model that
-    came with adapters (`model.init` a PEFT adapter directory) keeps them for "lora" (the file, not
-    `lora.*`, sets rank, alpha, targets and DoRA) and has them merged in for "full"."""
-    if has_lora(model):
-        if config.train.mode != "lora":
-            merge_lora(model)
-        return
-    if config.train.mode == "lora":
-        lora = config.lora
-        targets = tuple(t.strip() for t in lora.targets.split(",") if t.strip())
-        apply_lora(model, LoRAConfig(lora.rank, lora.alpha, lora.dropout, targets, lora.dora), nnx.Rngs(config.seed + 1))
-
-
-def split_for_training(model: Qwen2VL, config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any, Any]:
-    """(graphdef, trainable parameters, frozen rest) as `train.mode` and `train.freeze_vision` say;
-    the trainable ones still in the model's dtype (`master_weights` casts them)."""
-    return nnx.split(model, trainable_filter(config.train.mode, config.train.freeze_vision), ...)
-
-
-def master_weights(params: Any) -> Any:
-    """The float32 master copy the optimizer updates (compute may run in bfloat16)."""
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-
-
-def optimization(config: ml_collections.ConfigDict) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    """(learning-rate schedule, AdamW with clipping) of `config.train`."""
-    t = config.train
-    schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps, t.schedule)
-    optimizer = make_optimizer(
-        schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps
-    )
-    return schedule, optimizer
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledStep:
-    """The compiled training step with what it costs, per the compiler."""
-
-    compiled: jax.stages.Compiled
-    flops: StepFlops  # matmul FLOPs of one step over the global batch, by chunk-loop trips
-    memory: Any  # `compiled.memory_analysis()`: per-device sizes; None where the backend has none
-    seconds: float  # tracing, lowering and compilation
-
-
-def compile_step(
-    config: ml_collections.ConfigDict,
-    graphdef: nnx.GraphDef,
-    schedule: optax.Schedule,
-    optimizer: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh,
-    abstract: TrainState,
-    frozen: Any,
-    batch: dict[str, Any],
-    key: jax.Array,
-    image_config: ImageProcessorConfig,
-) -> CompiledStep:
-    """The training step of `config` compiled for these shapes and shardings. `frozen` and `batch`
-    may be placed arrays or ShapeDtypeStructs with shardings (a dry run compiles from shapes only);
-    `image_config` normalises the batch's uint8 pixels on the device."""
-    c = config
-    dropout = c.train.mode == "lora" and c.lora.dropout > 0
-    step = make_train_step(
-        make_embed_factory(graphdef, dropout=dropout, image_config=image_config), optimizer, schedule,
-        StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets), mesh, abstract,
-        jax.tree.map(lambda x: x.sharding, frozen), batch,
-    )
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):  # kernels XLA cannot partition (splash attention) read it to shard_map themselves
-        traced = step.trace(abstract, frozen, batch, key)
-    compiled = traced.lower().compile()
-    seconds = time.perf_counter() - start
-    return CompiledStep(compiled, StepFlops.of(traced.jaxpr.jaxpr), compiled.memory_analysis(), seconds)
-
-
-def place(tree: Any, shardings: Any) -> Any:
-    """Put a host-side (or single-device) pytree onto the mesh, leaf by leaf; works on many hosts
-    because every process supplies the same values for the shards it owns."""
-
-    def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree, shardings)
-
-
-def device_batch(record: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """This host's slice of a global batch -> global arrays sharded over the batch axes (a packed
-    record's arrays by their leading device-shard axis)."""
-    inputs = (PACKED,) if PACKED in record else SIDES
-    arrays = {**{k: record[k] for k in inputs}, **{m: record[m] for m in MASKS}}
-
-    def put(path: tuple, x: np.ndarray) -> jax.Array:
-        names = leaf_names(path)
-        sharding = batch_sharding(mesh, "" if names[0] == PACKED else names[-1], x.ndim)
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree_util.tree_map_with_path(put, arrays)
 
 
 class Trainer:
@@ -209,7 +95,7 @@ class Trainer:
             self._print(f"model.init is a PEFT adapter (rank {a.rank}, alpha {a.alpha:g}, {'DoRA' if a.use_dora else 'LoRA'} "
                         f"on {','.join(a.targets)}): {use}")
         add_adapters(model, c)
-        self.graphdef, params, frozen = split_for_training(model, c)
+        self.graphdef, params, frozen = split_for_training(model, c.train.mode, c.train.freeze_vision)
         params = master_weights(params)
         self.mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         self.schedule, self.optimizer = optimization(c)
@@ -339,7 +225,7 @@ class Trainer:
             if c.eval.every >= 0:
                 last.update(self.evaluate(end))
             if c.export.at_end:
-                self.export(self.workdir / "export")
+                self.export(self.workdir / EXPORT_DIR)
             return last
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -19,8 +19,7 @@ from vlm2vec_jax.models.peft_adapter import base_dir, is_adapter_dir, load_adapt
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
-from vlm2vec_jax.testing.random_checkpoint import HUB_PREPROCESSOR_CONFIG
-from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_tokenizer, tiny_hf_config
+from vlm2vec_jax.models.qwen2_vl.model_dir_files import HUB_PREPROCESSOR_CONFIG, build_tiny_tokenizer, tiny_hf_config
 
 RANDOM = "random"
 ARCHITECTURE_KEYS = (

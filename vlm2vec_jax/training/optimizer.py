@@ -4,6 +4,7 @@
 from typing import Any
 
 import jax
+import ml_collections
 import optax
 
 # Leaves that do not decay: biases, norm weights/scales (RMSNorm's is "weight"), DoRA magnitudes.
@@ -44,3 +45,13 @@ def make_optimizer(
     """Clip by global norm (0 = off), then AdamW with the decay mask."""
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm > 0 else adamw
+
+
+def optimization(config: ml_collections.ConfigDict) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """(learning-rate schedule, AdamW with clipping) of `config.train`."""
+    t = config.train
+    schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps, t.schedule)
+    optimizer = make_optimizer(
+        schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps
+    )
+    return schedule, optimizer

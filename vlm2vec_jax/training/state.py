@@ -1,4 +1,6 @@
-"""The training state and its layout: which parameters train, and where each array lives."""
+"""The training state's layout: where each parameter and optimizer-state array lives (parameters by
+`sharding.param_spec`, optimizer state ZeRO-2), the abstract state a step compiles for, and the
+state at step 0. Which parameters train is `trainable.py`'s."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ from typing import Any
 
 import jax
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm2vec_jax.training.sharding import param_spec, zero2_spec
@@ -54,7 +55,3 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, abstr
 
     return jax.jit(build, out_shardings=shardings)(params)
 
-
-def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, trainable parameters, everything else) of `model`."""
-    return nnx.split(model, trainable, ...)
