@@ -45,9 +45,26 @@ def dry_run_command(workdir: Path, config: Path = RECIPE, **overrides: object) -
     return [sys.executable, "-m", "vlm2vec_jax.train", "--config", str(config), *(f"--config.{k}={v}" for k, v in values.items())]
 
 
-def finish(process: subprocess.Popen, workdir: Path) -> dict:
-    out, _ = process.communicate(timeout=TIMEOUT)
-    assert process.returncode == 0, out
+def start(command: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `command` with stdout and stderr into the file `log`: with several children running,
+    a pipe read one child at a time could fill up and block the others."""
+    with open(log, "wb") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), log
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else f"({log} missing)"
+
+
+def finish(started: tuple[subprocess.Popen, Path], workdir: Path) -> dict:
+    process, log = started
+    try:
+        process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"timed out after {TIMEOUT} s:\n{_tail(log)}") from None
+    assert process.returncode == 0, f"exit code {process.returncode}:\n{_tail(log)}"
     return json.loads((workdir / "dry_run.json").read_text())
 
 
@@ -72,7 +89,7 @@ def test_dry_run_of_the_2b_recipe_on_8_devices(tmp_path: Path) -> None:
         "dp": dry_run_command(runs["dp"]),
         "fsdp": dry_run_command(runs["fsdp"], mesh__fsdp=8, mesh__data=1, model__init=model_dir),
     }
-    processes = {k: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k, command in commands.items()}
+    processes = {k: start(command, tmp_path / f"{k}.log") for k, command in commands.items()}
     dp, fsdp = (finish(processes[k], runs[k]) for k in ("dp", "fsdp"))
 
     geometry = qwen2vl_2b_config()
@@ -149,7 +166,7 @@ def test_packed_dry_run_on_the_builtin_profile(tmp_path: Path, tiny_geometry: Pa
     runs = {k: tmp_path / k for k in ("fixed", "packed")}
     common = dict(model__init=tiny_geometry, train__batch_size=TINY_BATCH, data__profile="mmeb_shape")
     commands = {k: dry_run_command(runs[k], train__packing=k == "packed", **common) for k in runs}
-    processes = {k: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k, command in commands.items()}
+    processes = {k: start(command, tmp_path / f"{k}.log") for k, command in commands.items()}
     fixed, packed = (finish(processes[k], runs[k]) for k in ("fixed", "packed"))
     assert (fixed["layout"], packed["layout"]) == ("fixed shapes", "packed")
     flops = FlopsModel(TINY, rank=8)  # the recipe's: DoRA r 8 with dropout, GradCache, remat

@@ -8,6 +8,7 @@ from flax import nnx
 from PIL import Image
 
 from hf_reference import HFReference, hf_embedding
+from jaxpr_inspect import dot_operand_dtypes
 from vlm2vec_jax import Embedder
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
@@ -75,11 +76,18 @@ def test_legacy_rule_differs_only_for_images(tiny_ckpt, embedder):
     np.testing.assert_allclose(legacy.encode([framed]), embedder.encode([framed]), atol=ATOL)
 
 
-def test_bfloat16_embedder_is_close_to_float32(tiny_ckpt, expected):
+def test_bfloat16_embedder_is_close_to_float32(tiny_ckpt, embedder, expected):
     bf16 = Embedder.from_pretrained(tiny_ckpt, dtype="bfloat16")
     vectors = bf16.encode([item for item, _, _ in CASES])
     assert vectors.dtype == np.float32
     assert np.min(np.sum(vectors * expected, axis=1)) > 0.98
+    # ... but computed in bfloat16: every matmul of the program `encode` runs takes bfloat16 operands
+    # (bfloat16 weights alone, computed in float32, would not), and the vectors are far from the
+    # float32 embedder's (which equal transformers' to ATOL).
+    _, batch = next(bf16.batches([item for item, _, _ in CASES], 16))
+    dots = dot_operand_dtypes(jax.make_jaxpr(bf16.embed_batch)(batch).jaxpr)
+    assert len(dots) > 10 and set(dots) == {("bfloat16", "bfloat16")}, dots
+    assert np.abs(vectors - embedder.encode([item for item, _, _ in CASES])).max() > 100 * ATOL
 
 
 def test_truncation_keeps_image_tokens(tiny_ckpt, hf):

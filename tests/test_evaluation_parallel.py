@@ -81,19 +81,30 @@ def one_device(tiny_ckpt: Path, items: list) -> np.ndarray:
     return Embedder.from_pretrained(tiny_ckpt).encode(items, batch_size=16)
 
 
-def run_script(source: str, args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.Popen:
+def run_script(source: str, args: list[str], env: dict[str, str], tmp_path: Path, name: str = "script") -> tuple[subprocess.Popen, Path, Path]:
+    """Start the script with its stdout and stderr into files (tmp_path/name.stdout, .stderr): with
+    several children running, a pipe read one child at a time could fill up and block the others."""
     script = tmp_path / "script.py"
     script.write_text(source)
-    return subprocess.Popen(
-        [sys.executable, str(script), *args], env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    out, err = tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(script), *args], env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, stdout=stdout, stderr=stderr,
+        )
+    return process, out, err
 
 
-def finish(process: subprocess.Popen) -> str:
-    out, err = process.communicate(timeout=TIMEOUT)
-    assert process.returncode == 0, err[-3000:]
-    return out
+def finish(started: tuple[subprocess.Popen, Path, Path]) -> str:
+    """The child's stdout, once it exited 0; otherwise fail with the tail of its stderr."""
+    process, out, err = started
+    try:
+        process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"{err.stem}: timed out after {TIMEOUT} s:\n{err.read_text(errors='replace')[-3000:]}") from None
+    assert process.returncode == 0, f"{err.stem}: exit code {process.returncode}:\n{err.read_text(errors='replace')[-3000:]}"
+    return out.read_text()
 
 
 def test_eight_devices_equal_one(tiny_ckpt, items, one_device, tmp_path):
@@ -115,7 +126,7 @@ def test_two_processes_equal_one(tiny_ckpt, items, one_device, tmp_path):
     env = {"XLA_FLAGS": xla_flags()}
     outs = [tmp_path / f"vectors{i}.npy" for i in range(2)]
     processes = [
-        run_script(TWO_PROCESSES, [str(i), str(port), str(tiny_ckpt), str(items_file), str(outs[i])], env, tmp_path)
+        run_script(TWO_PROCESSES, [str(i), str(port), str(tiny_ckpt), str(items_file), str(outs[i])], env, tmp_path, f"process{i}")
         for i in range(2)
     ]
     for process in processes:

@@ -1,11 +1,15 @@
 """The Flax Qwen2-VL equals transformers' PyTorch Qwen2-VL (float32, 1e-5) on the same checkpoint."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from hf_reference import HFReference
+from jaxpr_inspect import checkpoint_primitive, dot_operand_dtypes, primitive_names
+from tree_compare import assert_trees_close
 from vlm2vec_jax.models.pooling import l2_normalize, last_token_pool
 from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
@@ -88,19 +92,44 @@ def test_legacy_positions_match_transformers_given_the_same_positions(hf, forwar
     _close(forward({**ref.ours, "position_ids": legacy}), expected, ref.mask)
 
 
-def test_remat_changes_nothing(tiny_ckpt, hf, forward):
-    ref = hf.build(SEQUENCES["one_image"], IMAGES[:1])
-    rematted = load_pretrained(tiny_ckpt, remat=True)
-    np.testing.assert_array_equal(np.asarray(jax.jit(rematted.hidden_states)(ref.ours)), np.asarray(forward(ref.ours)))
+def test_remat_gives_the_same_gradients_and_is_applied(tiny_ckpt, hf):
+    """remat cannot change a forward; what it could break is the backward (recomputed activations
+    used wrongly). Gradients of a loss on the embeddings must match without remat, leaf by leaf, and
+    the rematted gradient must really contain checkpointed (recomputed) calls."""
+    ref = hf.build(SEQUENCES["mixed_batch"], IMAGES)
+    grads, primitives = {}, {}
+    for remat in (False, True):
+        model = load_pretrained(tiny_ckpt, remat=remat)
+        shape = jax.eval_shape(model, ref.ours).shape
+        direction = np.random.default_rng(0).normal(size=shape).astype(np.float32)  # loss = <embeddings, direction>
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, graphdef=graphdef, rest=rest, direction=direction):
+            return jnp.sum(nnx.merge(graphdef, p, rest)(ref.ours) * direction)
+
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+        primitives[remat] = primitive_names(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    checkpoint = checkpoint_primitive()
+    assert checkpoint in primitives[True] and checkpoint not in primitives[False], primitives[True] ^ primitives[False]
+    assert_trees_close(grads[True], grads[False], rtol=1e-5, what="gradients with remat against without")
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads[False])) > 1e-3  # not a comparison of zeros
 
 
-def test_bfloat16_compute_stays_close(tiny_ckpt, hf):
+def test_bfloat16_computes_in_bfloat16_and_stays_close(tiny_ckpt, hf, forward):
     ref = hf.build(SEQUENCES["mixed_batch"], IMAGES)
     expected = hf.hidden_states(ref)
     bf16 = load_pretrained(tiny_ckpt, dtype="bfloat16")
-    hidden = np.asarray(jax.jit(bf16.hidden_states)(ref.ours)).astype(np.float32)
+    # Every matmul (projections, attention, MLP, both towers) takes bfloat16 operands: a model that
+    # upcast to float32 would not.
+    dots = dot_operand_dtypes(jax.make_jaxpr(bf16.hidden_states)(ref.ours).jaxpr)
+    assert len(dots) > 10 and set(dots) == {("bfloat16", "bfloat16")}, dots
+    raw = jax.jit(bf16.hidden_states)(ref.ours)
+    assert raw.dtype == jnp.bfloat16
+    hidden = np.asarray(raw).astype(np.float32)
     cos = np.sum(hidden * expected, -1) / (np.linalg.norm(hidden, axis=-1) * np.linalg.norm(expected, axis=-1))
-    assert hidden.dtype == np.float32 and cos[ref.mask].min() > 0.99
+    assert cos[ref.mask].min() > 0.99
+    # Numerically too: far from the float32 forward (which equals transformers to ATOL), i.e. rounded to bfloat16.
+    assert np.abs(hidden - np.asarray(forward(ref.ours)))[ref.mask].max() > 100 * ATOL
 
 
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])

@@ -2,7 +2,6 @@
 tiny checkpoint itself (it loads in transformers with every weight accounted for)."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -92,10 +91,11 @@ def test_checkpoint_loads_with_every_weight(ckpt_dir):
 
 
 def test_sharded_checkpoint(tmp_path):
-    start = time.perf_counter()
     out = build_tiny_checkpoint(tmp_path, sharded=True, seed=1)
-    assert time.perf_counter() - start < 2  # cheap enough to build per test module
     index = json.loads((out / "model.safetensors.index.json").read_text())
+    # Cheap enough to build per test module: what costs is the weights' size (random init, saving,
+    # loading), so it stays tiny (under 1 MB; a real Qwen2-VL-2B is 4.4 GB).
+    assert index["metadata"]["total_size"] < 1_000_000
     assert len(set(index["weight_map"].values())) > 1
     _, info = Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

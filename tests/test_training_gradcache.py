@@ -22,7 +22,10 @@ from vlm2vec_jax.training.loss import infonce
 ONE_DEVICE_CHUNKS = (0, 1, 4)
 # 8 devices: 2 queries per device, so chunk 1 = two chunks per device, 2 = one.
 EIGHT_DEVICE_CHUNKS = (0, 1, 2)
-TOLERANCE = 1e-6
+TOLERANCE = 1e-6  # |error| / |gradient| over all leaves
+# Per leaf, of its largest gradient entry: float32 sums in another order reach ~1e-6 on the smallest
+# leaves (seen: 1.07e-6 on a DoRA magnitude), as in tests/test_training_packing.py.
+LEAF_TOLERANCE = 5e-6
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,12 @@ def test_gradcache_step_matches_full_batch_autodiff(gradcache_results: dict, dev
     result = gradcache_results[devices]
     assert result["devices"] == devices
     assert set(result["errors"]) == {str(c) for c in chunks}
-    for chunk, error in result["errors"].items():
-        assert error < TOLERANCE, f"{devices} device(s), gc chunk {chunk}: relative gradient error {error}"
+    for chunk, r in result["errors"].items():
+        assert r["global"] < TOLERANCE, f"{devices} device(s), gc chunk {chunk}: relative gradient error {r['global']}"
+        # And leaf by leaf (tests/tree_compare.py), the worst one named: a wrong small leaf would be O(1).
+        assert r["leaf_error"] < LEAF_TOLERANCE, (
+            f"{devices} device(s), gc chunk {chunk}: relative gradient error {r['leaf_error']} at {r['leaf']}"
+        )
     # The reference has dropout on: had the step dropped it (or drawn other masks), the error would
     # be of this size, so the check above does see dropout.
     assert result["dropout_effect"] > 1e-2

@@ -5,7 +5,7 @@ uninterrupted run at every step and end with the very same parameters and optimi
 One workdir goes through all of it, each interruption real (signals to a real `vlm2vec_jax.train`
 process, a real orbax save killed half-way):
 
-    run 1  SIGKILL as soon as checkpoint 3 is on disk (the run may have gone a step or so further)
+    run 1  SIGKILL once checkpoint 3 is on disk, the run held after logging step 4 (tests/scripts/gated_train.py)
     crash  a save of the next step killed half-way (orbax's temporary directory left behind)
     run 2  resumes from the latest finished checkpoint; SIGTERM at its first new step -> saves, exits 0
     run 3  resumes and completes train.steps (with a grain worker process this time)
@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 from training_runs import (
-    PYTHON, REPO, SHARED_RUNS, STEPS, baseline_run, environment, final_losses, finish, finished_steps, flat_numpy, kill,
-    metrics, restore_latest, run, run_ok, shared_dirs, shared_runs, start, step_losses, tail, train_command, wait_for,
+    PYTHON, REPO, SHARED_RUNS, STEPS, baseline_run, environment, final_losses, finish, finished_steps, flat_numpy, gate_reached,
+    gated, kill, metrics, open_gate, restore_latest, run, run_ok, shared_dirs, shared_runs, start, step_losses, tail,
+    train_command, wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -39,14 +40,14 @@ def test_kill_crash_during_save_sigterm_then_resume_match_an_uninterrupted_run(t
     checkpoints = workdir / "checkpoints"
     command = train_command(workdir, shared)
 
-    # ---- run 1: SIGKILL once step 3 is checkpointed.
-    log1 = tmp_path / "run1.log"
-    process = start(command, env, log1)
-    wait_for(lambda: 3 in finished_steps(checkpoints), process, log1, "checkpoint 3 was written")
+    # ---- run 1: SIGKILL once step 3 is checkpointed, the run held after logging step 4 (not saved).
+    log1, gate1 = tmp_path / "run1.log", tmp_path / "gate1"
+    process = start(*gated(command, env, 4, gate1), log1)
+    wait_for(lambda: gate_reached(gate1) and 3 in finished_steps(checkpoints), process, log1, "step 4 logged, checkpoint 3 written")
     kill(process, signal.SIGKILL)
     assert finish(process, log1) == -signal.SIGKILL, f"the run ended before the kill:\n{tail(log1)}"
     killed_at = max(finished_steps(checkpoints))
-    assert 3 <= killed_at <= STEPS - 2, f"run 1 got too far before the kill landed ({finished_steps(checkpoints)})"
+    assert killed_at == 3, f"checkpoints {finished_steps(checkpoints)}"
     lines_after_run1 = len(metrics(workdir))
 
     # ---- a crash in the middle of saving the next step: the finished checkpoint stays the latest.
@@ -59,18 +60,19 @@ def test_kill_crash_during_save_sigterm_then_resume_match_an_uninterrupted_run(t
     assert step == int(state.step) == meta["data_position"] == killed_at
     assert all(np.isfinite(v).all() for v in flat_numpy(state.params).values())
 
-    # ---- run 2: resumes from `killed_at`; SIGTERM as soon as it logs a new step.
-    log2 = tmp_path / "run2.log"
-    process = start(command, env, log2)
-    wait_for(lambda: len(metrics(workdir)) > lines_after_run1, process, log2, "run 2 logged a step")
+    # ---- run 2: resumes from `killed_at`; SIGTERM once it logs its first new step (held there).
+    log2, gate2 = tmp_path / "run2.log", tmp_path / "gate2"
+    process = start(*gated(command, env, killed_at + 1, gate2), log2)
+    wait_for(lambda: gate_reached(gate2), process, log2, "run 2 logged a step")
     kill(process, signal.SIGTERM)
+    open_gate(gate2)
     assert finish(process, log2) == 0, tail(log2)
     text2 = tail(log2, 100_000)
     assert f"at step {killed_at}" in text2  # "resumed from <dir> at step N"
     new_lines = metrics(workdir)[lines_after_run1:]
     assert new_lines[0]["step"] == killed_at + 1
     reached = new_lines[-1]["step"]
-    assert reached < STEPS, "SIGTERM landed too late to test preemption"
+    assert reached == killed_at + 1, "SIGTERM was not handled at the step it was sent at"
     assert max(finished_steps(checkpoints)) == reached
     assert re.search(rf"SIGTERM: saved step {reached}\b", text2), text2[-2000:]
     assert not [p.name for p in checkpoints.iterdir() if "tmp" in p.name]  # orbax replaced the crashed save's leftovers
@@ -95,13 +97,14 @@ def test_packed_run_resumes_exactly(tmp_path, tmp_path_factory) -> None:
     env = environment(shared)
     workdir = tmp_path / "run"
     command = train_command(workdir, shared, **SHARED_RUNS["packed_1dev_gc1"][1])
-    log1 = tmp_path / "run1.log"
-    process = start(command, env, log1)
-    wait_for(lambda: 2 in finished_steps(workdir / "checkpoints"), process, log1, "checkpoint 2 was written")
+    log1, gate = tmp_path / "run1.log", tmp_path / "gate"
+    process = start(*gated(command, env, 3, gate), log1)
+    wait_for(lambda: gate_reached(gate) and 2 in finished_steps(workdir / "checkpoints"), process, log1, "step 3 logged, checkpoint 2 written")
     kill(process, signal.SIGTERM)
+    open_gate(gate)
     assert finish(process, log1) == 0, tail(log1)
     reached = max(finished_steps(workdir / "checkpoints"))
-    assert reached < STEPS, "SIGTERM landed too late to test a resume"
+    assert reached == 3, "SIGTERM was not handled at the step it was sent at"
     assert "packing (" in tail(log1, 100_000) and all("packed_chunks" in line for line in metrics(workdir))
     log2 = tmp_path / "run2.log"
     run_ok(command, env, log2)

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from training_runs import final_losses, flat_numpy, metrics, restore_latest, run_config, shared_runs
+from training_runs import assert_same_training, final_losses, flat_numpy, metrics, restore_latest, run_config, shared_runs
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,27 @@ def _per_step(workdir, key: str) -> np.ndarray:
     return np.array([line[key] for line in metrics(workdir) if key in line])
 
 
-def _saved_layout(workdir) -> dict[str, list]:
-    """Leaf path ('params.language_model...') -> the PartitionSpec its array had when the run saved
-    its latest checkpoint, from the sharding record orbax keeps beside the arrays."""
+def _sharding_record(workdir) -> dict[str, dict]:
+    """Leaf path ('params.language_model...') -> the sharding its array had when the run saved its
+    latest checkpoint, from the record orbax keeps beside the arrays."""
     latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     record = json.loads((workdir / "checkpoints" / str(latest) / "state" / "_sharding").read_text())
-    return {base64.b64decode(k).decode().removesuffix(".value"): json.loads(v)["partition_spec"] for k, v in record.items()}
+    return {base64.b64decode(k).decode().removesuffix(".value"): json.loads(v) for k, v in record.items()}
+
+
+def _saved_layout(workdir) -> dict[str, list]:
+    """Leaf path -> the PartitionSpec its array had in the latest checkpoint."""
+    return {k: v["partition_spec"] for k, v in _sharding_record(workdir).items()}
+
+
+def _saved_mesh_shape(workdir) -> tuple[int, ...]:
+    """The (data, fsdp, tensor) device mesh every array of the latest checkpoint was saved from."""
+    shapes = {tuple(v["shape"]) for v in _sharding_record(workdir).values()}
+    assert len(shapes) == 1, shapes
+    return shapes.pop()
+
+
+MESHES = {"baseline_1dev": (1, 1, 1), "dp8_gc1": (8, 1, 1), "fixed_dp8_gc1": (8, 1, 1), "fsdp2_tp2": (2, 2, 2), "packed_fsdp2_tp2": (2, 2, 2)}
 
 
 # GradCache on, train.packing at its default -> the padded step's chunks per device shard (8 queries
@@ -50,8 +65,11 @@ PACKED_RUNS = {"dp8_gc1": 1, "packed_fsdp2_tp2": 2}
 @pytest.mark.parametrize("name", ["dp8_gc1", "fixed_dp8_gc1", "fsdp2_tp2", "packed_fsdp2_tp2"])
 def test_eight_devices_match_one_device(runs, baseline_state, name: str) -> None:
     workdir = runs[name]
-    config = run_config(workdir)
-    assert config.train.batch_size == 8
+    # The run did use its 8 devices (the mesh its state lived on), and every step still trained on
+    # the whole global batch (the valid queries the loss counted, summed over the devices).
+    assert _saved_mesh_shape(workdir) == MESHES[name] and _saved_mesh_shape(runs["baseline_1dev"]) == MESHES["baseline_1dev"]
+    np.testing.assert_array_equal(_per_step(workdir, "valid_queries"), _per_step(runs["baseline_1dev"], "valid_queries"))
+    assert run_config(workdir).train.batch_size == _per_step(workdir, "valid_queries").max()
     # Which step ran: a packed one logs the chunks its devices filled (fewer than its capacity here:
     # short synthetic sequences), a fixed-shape one does not.
     chunks = _per_step(workdir, "packed_chunks")
@@ -70,10 +88,9 @@ def test_eight_devices_match_one_device(runs, baseline_state, name: str) -> None
     assert step == base_step == int(state.step)
     a, b = flat_numpy(base.params), flat_numpy(state.params)
     assert a.keys() == b.keys()
-    for leaf in a:
-        # Adam normalises each update, so a near-zero gradient's rounding can move a weight by up to
-        # about a learning rate; everything else agrees to float32 rounding of the sums.
-        np.testing.assert_allclose(b[leaf], a[leaf], rtol=1e-4, atol=5e-4, err_msg=leaf)
+    # Per leaf, against how far the 8 steps moved it (not an absolute tolerance of the size of the
+    # movement itself); the attention key biases, whose gradient is rounding noise, more loosely.
+    assert_same_training(b, a, workdir, what=f"{name} parameters against 1 device")
 
 
 def test_the_runs_really_use_their_layouts(runs) -> None:

@@ -187,6 +187,22 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen, log: Path
         time.sleep(0.005)
 
 
+def gated(command: Sequence[str], env: dict[str, str], step: int, gate: Path) -> tuple[list[str], dict[str, str]]:
+    """(command, env) of a `train_command` run through tests/scripts/gated_train.py: it stops right
+    after logging `step` (before saving it or checking for SIGTERM), creates gate/reached, and
+    goes on once `open_gate(gate)`. A test signals it there: a state, not a time."""
+    assert list(command[1:3]) == ["-m", "vlm2vec_jax.train"], command
+    return [command[0], str(REPO / "tests/scripts/gated_train.py"), *command[3:]], {**env, "GATE_STEP": str(step), "GATE_DIR": str(gate)}
+
+
+def gate_reached(gate: Path) -> bool:
+    return (gate / "reached").exists()
+
+
+def open_gate(gate: Path) -> None:
+    (gate / "open").touch()
+
+
 def metrics(workdir: Path) -> list[dict[str, Any]]:
     path = workdir / "metrics.jsonl"
     if not path.exists():
@@ -288,6 +304,16 @@ def restore_latest(workdir: Path, step: int | None = None) -> tuple[int, Any, di
     return step, state, meta
 
 
+def initial_params(workdir: Path) -> dict[str, np.ndarray]:
+    """`flat_numpy` of the run's trainable parameters before its first step, in float32 (the
+    Trainer's master copy of `build_model`): what training moved the parameters from."""
+    from vlm2vec_jax.training.trainable import master_weights, split_for_training
+
+    c = run_config(workdir)
+    _, params, _ = split_for_training(build_model(c), c.train.mode, c.train.freeze_vision)
+    return flat_numpy(master_weights(params))
+
+
 def flat_numpy(tree: Any) -> dict[str, np.ndarray]:
     """{'a/b/c': array} of a pytree (nnx States included)."""
     import jax
@@ -296,6 +322,45 @@ def flat_numpy(tree: Any) -> dict[str, np.ndarray]:
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(leaf_names(path)): np.asarray(x) for path, x in leaves}
+
+
+# The fused attention projections' biases, laid out [q | k | v] on their last axis.
+KEY_BIASES = ("language_model/layers/qkv_proj/bias", "visual/blocks/qkv/bias")
+# Of each leaf's movement over the run (tree_compare.leaf_errors with `initial`); seen here: under
+# 1e-4 for every leaf but the key biases (their q and v parts agree to 1e-8 absolute).
+PARAM_RTOL = 1e-3
+# The key biases: a key bias adds the same q.b to every logit of a query, so softmax cancels it and
+# its gradient is zero up to rounding; Adam, which normalises each update, still moves it by about a
+# learning rate a step, in a direction the rounding picks. Runs that round differently (8 devices
+# against 1) agree on it only roughly (seen: up to 5% of its movement).
+KEY_BIAS_RTOL = 0.25
+
+
+def split_key_biases(flat: dict[str, np.ndarray], config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(`flat` with the key-bias parts cut out of `KEY_BIASES`, those parts alone), from the run's
+    `model.architecture` (a randomly initialised run)."""
+    a = config.model.architecture
+    head_dim = a.text_hidden // a.heads
+    spans = {KEY_BIASES[0]: (a.heads * head_dim, (a.heads + a.kv_heads) * head_dim), KEY_BIASES[1]: (a.vision_dim, 2 * a.vision_dim)}
+    rest, keys = dict(flat), {}
+    for name, (lo, hi) in spans.items():
+        x = rest.pop(name)
+        rest[f"{name}[q,v]"] = np.concatenate([x[..., :lo], x[..., hi:]], axis=-1)
+        keys[f"{name}[k]"] = x[..., lo:hi]
+    return rest, keys
+
+
+def assert_same_training(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], workdir: Path, what: str) -> None:
+    """`flat_numpy` parameters of two runs of `workdir`'s config agree, per leaf, relative to how far
+    training moved each leaf from `initial_params` (PARAM_RTOL; the key biases KEY_BIAS_RTOL)."""
+    from tree_compare import assert_trees_close
+
+    config = run_config(workdir)
+    (got_rest, got_keys), (want_rest, want_keys), (init_rest, init_keys) = (
+        split_key_biases(tree, config) for tree in (got, expected, initial_params(workdir))
+    )
+    assert_trees_close(got_rest, want_rest, rtol=PARAM_RTOL, initial=init_rest, what=what)
+    assert_trees_close(got_keys, want_keys, rtol=KEY_BIAS_RTOL, initial=init_keys, what=f"{what} (key biases)")
 
 
 # ------------------------------------------------------------------------- memoised shared runs

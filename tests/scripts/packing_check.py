@@ -22,7 +22,7 @@ from vlm2vec_jax.data.packing import PackBudget, pack_record  # noqa: E402
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from vlm2vec_jax.processing.image import ImageProcessorConfig  # noqa: E402
 from vlm2vec_jax.training.forward import make_embed_factory  # noqa: E402
-from vlm2vec_jax.training.loop import device_batch, place  # noqa: E402
+from vlm2vec_jax.training.placement import device_batch, place  # noqa: E402
 from vlm2vec_jax.training.sharding import batch_size_of, make_mesh  # noqa: E402
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, param_shardings  # noqa: E402
 from vlm2vec_jax.training.step import StepOptions, make_train_step, num_chunks  # noqa: E402
