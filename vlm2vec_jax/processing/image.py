@@ -277,7 +277,9 @@ def normalize_patches(raw: Any, config: ImageProcessorConfig) -> Any:
     xp = np if isinstance(raw, np.ndarray) else jnp
     lut = xp.asarray(_normalize_lut(tuple(config.image_mean), tuple(config.image_std)))
     channels, t = lut.shape[0], config.temporal_patch_size
-    frames = raw.reshape(*raw.shape[:-1], channels, -1)
+    # explicit P*P, not -1: a side with no images (text-only targets) has zero rows, and a zero-size
+    # array cannot infer a -1 dimension
+    frames = raw.reshape(*raw.shape[:-1], channels, raw.shape[-1] // channels)
     values = lut[xp.arange(channels)[:, None], frames.astype(xp.int32)]  # (..., C, P*P)
     values = xp.broadcast_to(values[..., None, :], (*values.shape[:-1], t, values.shape[-1]))
     return values.reshape(*raw.shape[:-1], channels * t * frames.shape[-1])

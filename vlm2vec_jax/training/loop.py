@@ -106,6 +106,9 @@ class Trainer:
         if latest is None:
             self.state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, self.abstract.params)), self.optimizer, self.abstract)
             self.start_step = 0
+            # rows the reader already dropped (a missing image file): counted from the first line on; a
+            # resumed run gets them back with the checkpoint's counts below
+            self.report = BadDataReport().merge(self.train_set.report)
         else:
             self.state, meta = self.checkpointer.restore(latest, self.abstract)
             self.start_step = int(meta["data_position"])
