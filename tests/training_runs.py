@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -65,16 +66,24 @@ TINY = {
 RUN_TIMEOUT = 600
 
 
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the runs shared by test files live: the session's base temp dir, or with pytest-xdist
+    the directory above every worker's (so a run another worker made is reused, not repeated)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "training_shared"
+
+
 def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The session's synthetic benchmark and XLA compilation cache directories (same paths for every
-    test file of one pytest session: they live directly under the session's base temp dir)."""
-    root = tmp_path_factory.getbasetemp() / "training_shared"
+    test file of one pytest session, on every xdist worker)."""
+    root = session_root(tmp_path_factory)
     dirs = {"synthetic": root / "synthetic", "xla_cache": root / "xla_cache"}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     from vlm2vec_jax.data.synthetic import generate
 
-    generate(dirs["synthetic"] / f"{TINY['data.synthetic']}-seed0", seed=0, scale=TINY["data.synthetic"])  # once; reused after
+    with FileLock(root / "synthetic.lock"):  # once; reused after, by any worker
+        generate(dirs["synthetic"] / f"{TINY['data.synthetic']}-seed0", seed=0, scale=TINY["data.synthetic"])
     return dirs
 
 
@@ -364,7 +373,7 @@ def assert_same_training(got: dict[str, np.ndarray], expected: dict[str, np.ndar
 
 
 # ------------------------------------------------------------------------- memoised shared runs
-_RUNS: dict[str, Path] = {}
+DONE = ".shared_run_done"  # written into a shared run's workdir once it completed
 # name -> (devices, overrides): the runs several test files compare against.
 SHARED_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
     # The reference: uninterrupted, one device, full fine-tuning, no GradCache.
@@ -383,20 +392,29 @@ SHARED_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
 
 
 def shared_runs(tmp_path_factory: pytest.TempPathFactory, *names: str) -> list[Path]:
-    """Completed `SHARED_RUNS`, each executed once per session; missing ones run concurrently."""
+    """Completed `SHARED_RUNS`, each executed once per session (across xdist workers: a worker that
+    needs a run another is making waits on its lock); missing ones run concurrently."""
     shared = shared_dirs(tmp_path_factory)
-    root = tmp_path_factory.getbasetemp() / "training_shared"
-    started = {}
-    for name in names:
-        if name not in _RUNS and name not in started:
-            devices, extra = SHARED_RUNS[name]
-            log = root / f"{name}.log"
-            started[name] = (start(train_command(root / name, shared, **extra), environment(shared, devices), log), log)
-    codes = finish_all(list(started.values()))
-    for (name, (_, log)), code in zip(started.items(), codes):
-        assert code == 0, f"{name}: exit code {code}:\n{tail(log)}"
-        _RUNS[name] = root / name
-    return [_RUNS[name] for name in names]
+    root = session_root(tmp_path_factory)
+    wanted = sorted(set(names))  # locks taken in one order: two workers never wait on each other
+    locks = [FileLock(root / f"{name}.lock") for name in wanted]
+    for lock in locks:
+        lock.acquire()
+    try:
+        started = {}
+        for name in wanted:
+            if not (root / name / DONE).exists():
+                devices, extra = SHARED_RUNS[name]
+                log = root / f"{name}.log"
+                started[name] = (start(train_command(root / name, shared, **extra), environment(shared, devices), log), log)
+        codes = finish_all(list(started.values()))
+        for (name, (_, log)), code in zip(started.items(), codes):
+            assert code == 0, f"{name}: exit code {code}:\n{tail(log)}"
+            (root / name / DONE).touch()
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+    return [root / name for name in names]
 
 
 def baseline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
