@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training_runs import REPO
+from training_runs import REPO, finish, start, tail
 from vlm2vec_jax.data.packing import PackBudget, pack_record
 from vlm2vec_jax.data.profile_batches import draw_batches, shard_chunks
 from vlm2vec_jax.data.profiles import resolve_profile
@@ -45,26 +46,15 @@ def dry_run_command(workdir: Path, config: Path = RECIPE, **overrides: object) -
     return [sys.executable, "-m", "vlm2vec_jax.train", "--config", str(config), *(f"--config.{k}={v}" for k, v in values.items())]
 
 
-def start(command: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
-    """Start `command` with stdout and stderr into the file `log`: with several children running,
-    a pipe read one child at a time could fill up and block the others."""
-    with open(log, "wb") as handle:
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), log
+def start_dry_run(command: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `command` with its output into the file `log` (training_runs.start)."""
+    return start(command, dict(os.environ), log), log
 
 
-def _tail(log: Path, chars: int = 4000) -> str:
-    return log.read_text(errors="replace")[-chars:] if log.exists() else f"({log} missing)"
-
-
-def finish(started: tuple[subprocess.Popen, Path], workdir: Path) -> dict:
+def finish_dry_run(started: tuple[subprocess.Popen, Path], workdir: Path) -> dict:
     process, log = started
-    try:
-        process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError(f"timed out after {TIMEOUT} s:\n{_tail(log)}") from None
-    assert process.returncode == 0, f"exit code {process.returncode}:\n{_tail(log)}"
+    code = finish(process, log, TIMEOUT)
+    assert code == 0, f"exit code {code}:\n{tail(log)}"
     return json.loads((workdir / "dry_run.json").read_text())
 
 
@@ -89,8 +79,8 @@ def test_dry_run_of_the_2b_recipe_on_8_devices(tmp_path: Path) -> None:
         "dp": dry_run_command(runs["dp"]),
         "fsdp": dry_run_command(runs["fsdp"], mesh__fsdp=8, mesh__data=1, model__init=model_dir),
     }
-    processes = {k: start(command, tmp_path / f"{k}.log") for k, command in commands.items()}
-    dp, fsdp = (finish(processes[k], runs[k]) for k in ("dp", "fsdp"))
+    processes = {k: start_dry_run(command, tmp_path / f"{k}.log") for k, command in commands.items()}
+    dp, fsdp = (finish_dry_run(processes[k], runs[k]) for k in ("dp", "fsdp"))
 
     geometry = qwen2vl_2b_config()
     c = dp["config"]
@@ -166,8 +156,8 @@ def test_packed_dry_run_on_the_builtin_profile(tmp_path: Path, tiny_geometry: Pa
     runs = {k: tmp_path / k for k in ("fixed", "packed")}
     common = dict(model__init=tiny_geometry, train__batch_size=TINY_BATCH, data__profile="mmeb_shape")
     commands = {k: dry_run_command(runs[k], train__packing=k == "packed", **common) for k in runs}
-    processes = {k: start(command, tmp_path / f"{k}.log") for k, command in commands.items()}
-    fixed, packed = (finish(processes[k], runs[k]) for k in ("fixed", "packed"))
+    processes = {k: start_dry_run(command, tmp_path / f"{k}.log") for k, command in commands.items()}
+    fixed, packed = (finish_dry_run(processes[k], runs[k]) for k in ("fixed", "packed"))
     assert (fixed["layout"], packed["layout"]) == ("fixed shapes", "packed")
     flops = FlopsModel(TINY, rank=8)  # the recipe's: DoRA r 8 with dropout, GradCache, remat
     # Fixed shapes: no chunk loop to count, and the formula's padded step.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training_runs import xla_flags
+from training_runs import finish as finish_process, tail, xla_flags
 from vlm2vec_jax import Embedder
 from vlm2vec_jax.data.mmeb_eval import read_mmeb_eval
 from vlm2vec_jax.data.synthetic import generate
@@ -97,13 +97,8 @@ def run_script(source: str, args: list[str], env: dict[str, str], tmp_path: Path
 def finish(started: tuple[subprocess.Popen, Path, Path]) -> str:
     """The child's stdout, once it exited 0; otherwise fail with the tail of its stderr."""
     process, out, err = started
-    try:
-        process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError(f"{err.stem}: timed out after {TIMEOUT} s:\n{err.read_text(errors='replace')[-3000:]}") from None
-    assert process.returncode == 0, f"{err.stem}: exit code {process.returncode}:\n{err.read_text(errors='replace')[-3000:]}"
+    code = finish_process(process, err, TIMEOUT)
+    assert code == 0, f"{err.stem}: exit code {code}:\n{tail(err)}"
     return out.read_text()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from training_runs import (
-    REPO, STEPS, environment, finish_all, metrics, run, run_ok, shared_dirs, start, tail, train_command,
+    STEPS, environment, metrics, run, run_ok, run_on_local_hosts, shared_dirs, tail, train_command,
 )
 
 EVAL_EVERY = 4  # steps 4 and STEPS (8)
@@ -119,13 +119,7 @@ def test_trainer_evaluation_logs_every_group_and_matches_evaluating_the_export(e
 def test_two_process_evaluation_equals_one_process(eval_run, tmp_path, tmp_path_factory) -> None:
     shared = shared_dirs(tmp_path_factory)
     workdir = tmp_path / "run"
-    command = [
-        "bash", str(REPO / "launch/local.sh"), "2", "--devices", "1", "--logs", str(tmp_path / "logs"), "--",
-        *train_command(workdir, shared, **EVAL),
-    ]
-    log = tmp_path / "process0.log"
-    code = finish_all([(start(command, environment(shared, cache=False), log), log)])[0]
-    assert code == 0, f"launch/local.sh ({code}):\n{tail(log)}\n\nprocess 1:\n{tail(tmp_path / 'logs' / 'process_1.log')}"
+    run_on_local_hosts(tmp_path, workdir, shared, devices=1, **EVAL)
     # Training on 2 hosts equals 1 (test_training_multihost, for losses); so does what it evaluates.
     assert eval_lines(workdir) == eval_lines(eval_run)
     # The export (weights gathered from both hosts) evaluates to the same values too.

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from training_runs import (
-    REPO, STEPS, assert_same_training, environment, final_losses, finish_all, flat_numpy, metrics, restore_latest,
-    shared_dirs, shared_runs, start, tail, train_command,
+    REPO, STEPS, assert_same_training, final_losses, flat_numpy, metrics, restore_latest, run_on_local_hosts, shared_dirs,
+    shared_runs,
 )
 
 
@@ -23,13 +23,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, tmp_
     reference = shared_runs(tmp_path_factory, "dp8_gc1")[0]
     shared = {**shared_dirs(tmp_path_factory), "synthetic": tmp_path / "synthetic"}  # fresh: both generate it
     workdir = tmp_path / "run"
-    command = [
-        "bash", str(REPO / "launch/local.sh"), "2", "--devices", "4", "--logs", str(tmp_path / "logs"), "--",
-        *train_command(workdir, shared, train__gc_chunk_size=1),
-    ]
-    log = tmp_path / "process0.log"
-    code = finish_all([(start(command, environment(shared, cache=False), log), log)])[0]
-    assert code == 0, f"launch/local.sh ({code}):\n{tail(log)}\n\nprocess 1:\n{tail(tmp_path / 'logs' / 'process_1.log')}"
+    run_on_local_hosts(tmp_path, workdir, shared, devices=4, train__gc_chunk_size=1)
 
     # One run, logged once (process 0 only).
     lines = metrics(workdir)

@@ -131,6 +131,18 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT) -
         raise AssertionError(f"timed out after {timeout} s:\n{tail(log)}") from None
 
 
+def run_on_local_hosts(tmp_path: Path, workdir: Path, shared: dict[str, Path], devices: int, **extra: Any) -> None:
+    """Train `workdir` as 2 processes of `devices` CPU devices each through `launch/local.sh`
+    (jax.distributed on 127.0.0.1; logs under tmp_path); fail with both processes' log tails."""
+    command = [
+        "bash", str(REPO / "launch/local.sh"), "2", "--devices", str(devices), "--logs", str(tmp_path / "logs"), "--",
+        *train_command(workdir, shared, **extra),
+    ]
+    log = tmp_path / "process0.log"
+    code = finish_all([(start(command, environment(shared, cache=False), log), log)])[0]
+    assert code == 0, f"launch/local.sh ({code}):\n{tail(log)}\n\nprocess 1:\n{tail(tmp_path / 'logs' / 'process_1.log')}"
+
+
 def finish_all(processes: Sequence[tuple[subprocess.Popen, Path]], timeout: float = RUN_TIMEOUT, grace: float = 60) -> list[int]:
     """Exit codes of processes that run together. Once one fails, the others get `grace` seconds
     (peers of a multi-process run would otherwise wait for it at a barrier) and are then killed;

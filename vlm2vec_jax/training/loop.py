@@ -108,7 +108,7 @@ class Trainer:
             self.start_step = 0
             # rows the reader already dropped (a missing image file): counted from the first line on; a
             # resumed run gets them back with the checkpoint's counts below
-            self.report = BadDataReport().merge(self.train_set.report)
+            self.report.merge(self.train_set.report)
         else:
             self.state, meta = self.checkpointer.restore(latest, self.abstract)
             self.start_step = int(meta["data_position"])
