@@ -1,21 +1,28 @@
-"""The training CLI end to end: usage errors, a non-finite loss, and a LoRA run whose export loads in
-transformers and in `Embedder`, whose checkpoint holds only adapters, and whose logs carry every
-metric. The two training runs start together when the module starts (two cores, two processes)."""
+"""The training CLI end to end: usage errors, a non-finite loss, a step out of device memory, and a
+LoRA run whose export loads in transformers and in `Embedder`, whose checkpoint holds only adapters,
+whose logs carry every metric, and whose finished workdir exports again on a rerun without training.
+The LoRA and non-finite runs start together when the module starts (two cores, two processes)."""
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
 import subprocess
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from hf_reference import HFReference, hf_embedding
 from training_runs import (
-    PYTHON, STEPS, build_model, environment, finish, flat_numpy, metrics, restore_latest, run_config, shared_dirs, start, tail,
-    train_command,
+    PYTHON, REPO, STEPS, build_model, environment, finish, finished_steps, flat_numpy, metrics, restore_latest, run, run_config,
+    run_ok, shared_dirs, start, tail, train_command,
 )
+from vlm2vec_jax.cli_config import parse_config
+from vlm2vec_jax.training.loop import device_memory_error
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
 pytestmark = pytest.mark.slow
@@ -68,18 +75,15 @@ def test_make_demo_entry_point_is_the_demo_config_with_overrides(tmp_path) -> No
 def test_non_finite_loss_stops_with_the_step_and_batch_and_keeps_checkpoints(runs) -> None:
     workdir, process, log = runs["nan"]
     assert finish(process, log) == 1, tail(log)
-    text = tail(log, 100_000)
-    # One line (after the progress bar's last carriage-return update), no traceback.
-    error = re.findall(r"vlm2vec_jax\.train: error: .*", text)
-    assert len(error) == 1 and "Traceback" not in text, text[-3000:]
+    error = one_error_line(log)
     # The third step (batch 2 of the plan) is the first with a NaN loss; steps count from 1 like the logs.
-    assert "step 3 (batch 2 of the plan, training rows [" in error[0] and "loss is nan" in error[0], error[0]
+    assert "step 3 (batch 2 of the plan, training rows [" in error and "loss is nan" in error, error
     assert [line["step"] for line in metrics(workdir)] == [1, 2]
     assert all(math.isfinite(line["loss"]) for line in metrics(workdir))
 
     # Checkpoint 2 (saved before the failing step) holds the parameters the NaN came from: the
     # message says so and points at checkpoint 1 for a retry with a lower learning rate.
-    assert "latest checkpoint, step 2" in error[0] and "before it (step 1)" in error[0], error[0]
+    assert "latest checkpoint, step 2" in error and "before it (step 1)" in error, error
     step, state, meta = restore_latest(workdir)
     assert step == int(state.step) == meta["data_position"] == 2
     exploded = max(np.abs(v).max() for v in flat_numpy(state.params).values())
@@ -87,6 +91,50 @@ def test_non_finite_loss_stops_with_the_step_and_batch_and_keeps_checkpoints(run
     step, state, _ = restore_latest(workdir, step=1)
     sane = flat_numpy(state.params)
     assert all(np.isfinite(v).all() for v in sane.values()) and max(np.abs(v).max() for v in sane.values()) < 100
+
+
+def one_error_line(log) -> str:
+    """The CLI's one `error:` line (after the progress bar's last carriage-return update); no traceback."""
+    text = tail(log, 100_000)
+    error = re.findall(r"vlm2vec_jax\.train: error: .*", text)
+    assert len(error) == 1 and "Traceback" not in text, text[-3000:]
+    return error[0]
+
+
+def test_a_step_out_of_device_memory_stops_naming_the_keys_that_shrink_it(tmp_path, tmp_path_factory) -> None:
+    """A real allocation failure: at max_len 2**20 the attention scores alone need ~200 TB. It
+    surfaces asynchronously (when the step's metrics are read), and must still become the hint."""
+    shared = shared_dirs(tmp_path_factory)
+    workdir, log = tmp_path / "run", tmp_path / "oom.log"
+    assert run(train_command(workdir, shared, model__max_len=2**20, train__steps=2), environment(shared), log) == 1, tail(log)
+    error = one_error_line(log)
+    assert "step 1: out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating" in error, error
+    assert "turn GradCache on (train.gc_chunk_size > 0" in error and "model.remat (now False)" in error, error
+    assert "mesh.fsdp" in error and "resume from the latest checkpoint" in error, error
+    assert finished_steps(workdir / "checkpoints") == [] and metrics(workdir) == []
+
+
+def test_device_memory_error_names_the_chunk_keys_and_lets_other_runtime_errors_through() -> None:
+    def failure(program, *args) -> jax.errors.JaxRuntimeError:
+        with pytest.raises(jax.errors.JaxRuntimeError) as caught:
+            jax.block_until_ready(jax.jit(program)(*args))
+        return caught.value
+
+    oom = failure(lambda x: jnp.broadcast_to(x, (2**40,)) + 1, jnp.float32(1))  # a 4 TB output
+    config = parse_config(["train", "--config", str(REPO / "configs/demo.py"), "--config.train.gc_chunk_size=2",
+                           "--config.model.remat=True"], usage="")
+    error = device_memory_error(oom, 6, config)
+    assert isinstance(error, MemoryError)
+    message = str(error)
+    assert message.startswith("step 7: out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating 4398046511104 bytes")
+    assert "lower train.gc_chunk_size (now 2)" in message and "train.pack_text_rows" in message, message
+    assert "model.remat (now True)" in message and "\n" not in message, message
+
+    def raises(_):
+        raise ValueError("not a memory problem")
+
+    other = failure(lambda x: jax.pure_callback(raises, jax.ShapeDtypeStruct((), jnp.float32), x), jnp.float32(1))
+    assert device_memory_error(other, 6, config) is None
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +219,22 @@ def test_lora_export_loads_in_transformers_and_embedder(lora_run) -> None:
         hf_embedding(hf, "<|image_pad|>\nRepresent the given image.", [image]),
     ])
     np.testing.assert_allclose(vectors, expected, atol=1e-4, rtol=0)
+
+
+def test_rerun_of_a_finished_workdir_trains_nothing_and_exports_the_last_checkpoint(lora_run, tmp_path, tmp_path_factory) -> None:
+    """Export on demand: the finished run's workdir without its export/, rerun with the same command."""
+    workdir = tmp_path / "rerun"
+    shutil.copytree(lora_run, workdir, ignore=shutil.ignore_patterns("export"))
+    logged, checkpoints = (workdir / "metrics.jsonl").read_bytes(), finished_steps(workdir / "checkpoints")
+    assert checkpoints[-1] == STEPS
+    shared, log = shared_dirs(tmp_path_factory), tmp_path / "rerun.log"
+    run_ok(train_command(workdir, shared, **LORA), environment(shared), log)
+    assert f"resumed from {workdir / 'checkpoints'} at step {STEPS}" in tail(log) and "exported" in tail(log), tail(log)
+    assert "compiled the training step" not in tail(log, 100_000)  # nothing to train: no step compiled
+    assert (workdir / "metrics.jsonl").read_bytes() == logged and finished_steps(workdir / "checkpoints") == checkpoints
+    # The same weights the run exported when it finished, bit for bit.
+    for original in sorted((lora_run / "export").glob("*.safetensors")):
+        want, got = load_file(original), load_file(workdir / "export" / original.name)
+        assert want.keys() == got.keys() and want, original.name
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -54,6 +54,25 @@ log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("merged", "peft")
 
 
+def device_memory_error(err: Exception, step: int, config: ml_collections.ConfigDict) -> MemoryError | None:
+    """What to raise when XLA could not allocate the step's buffers at 0-based `step`: a MemoryError
+    naming the step and the keys that shrink a step's live memory; None for any other error. Only
+    the first line of XLA's report goes in the message (the CLI prints it on one line)."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    t = config.train
+    chunk = (f"lower train.gc_chunk_size (now {t.gc_chunk_size}) or, when packed, train.pack_text_rows / "
+             "train.pack_vision_rows" if t.gc_chunk_size else
+             "turn GradCache on (train.gc_chunk_size > 0: the batch is encoded in chunks)")
+    return MemoryError(
+        f"step {step + 1}: out of device memory ({first}). To fit: {chunk}; enable model.remat (now "
+        f"{config.model.remat}); or shard the parameters (mesh.fsdp). Nothing was saved from this step; "
+        "rerun with the change to resume from the latest checkpoint"
+    )
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf: training stops, nothing is saved from the failing step. The message
     names the step (1-based, as metrics.jsonl and checkpoints count) and which checkpoint to resume
@@ -238,16 +257,15 @@ class Trainer:
             self.metrics_log.close()
 
     def _step(self, step_fn, batch: dict[str, Any], step: int, rows: np.ndarray):
-        try:
+        try:  # dispatch is asynchronous: an allocation failure surfaces when the metrics are read
             state, metrics = step_fn(self.state, self.frozen, batch, self.key)
-        except Exception as err:  # XlaRuntimeError has no stable import path across jax versions
-            if "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower():
-                raise MemoryError(
-                    f"step {step}: out of device memory ({err}). Lower train.gc_chunk_size (now "
-                    f"{self.config.train.gc_chunk_size}; 0 means no caching) or enable model.remat"
-                ) from err
-            raise
-        metrics = {k: float(v) for k, v in metrics.items()}
+            metrics = {k: float(v) for k, v in metrics.items()}
+        except jax.errors.JaxRuntimeError as err:
+            memory = device_memory_error(err, step, self.config)
+            if memory is None:
+                raise
+            log.error("step %d: %s", step + 1, err)  # XLA's whole report (on GPU: the live buffers)
+            raise memory from err
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLossError(
                 f"step {step + 1} (batch {step} of the plan, training rows {rows[:8].tolist()}{'...' if len(rows) > 8 else ''}): "
