@@ -3,7 +3,8 @@
 The full jitted training step (GradCache scans, shard_map, ZeRO-2 reduce-scatter, LoRA+DoRA with
 dropout on) must give the gradient of plain full-batch autodiff, for any chunking and on 1 or 8
 devices (tests/scripts/gradcache_check.py, run in subprocesses so XLA_FLAGS can set the device
-count). `infonce` is checked against a direct NumPy computation.
+count), and on 8 devices its compiled program must reduce the gradients once, after the chunk loops
+(tests/hlo_collectives.py). `infonce` is checked against a direct NumPy computation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hlo_collectives import assert_gradients_reduced_once_after_the_loops
 from training_runs import script_results
 from vlm2vec_jax.training.loss import infonce
 
@@ -50,6 +52,22 @@ def test_gradcache_step_matches_full_batch_autodiff(gradcache_results: dict, dev
     # The reference has dropout on: had the step dropped it (or drawn other masks), the error would
     # be of this size, so the check above does see dropout.
     assert result["dropout_effect"] > 1e-2
+
+
+@pytest.mark.slow
+def test_gradients_are_reduce_scattered_once_per_step_never_per_chunk(gradcache_results: dict) -> None:
+    """The compiled 8-device step (shard_map, ZeRO-2): the chunk scans hold no all-reduce or
+    reduce-scatter, and each gradient leaf is reduce-scattered (or, if too small to split, all-reduced)
+    once after them. Without the step's `pcast` of the parameters to device-varying, shard_map would
+    psum every parameter use inside the scans: this fails then."""
+    # The parser sees this XLA's loops and reductions: a psum in a fori_loop, a psum_scatter after.
+    canary = gradcache_results[8]["canary"]
+    assert [op for op, _ in canary["in_loop"]] == ["all-reduce"], canary
+    assert [op for op, _ in canary["outside"]] == ["reduce-scatter"], canary
+    reductions = gradcache_results[8]["reductions"]
+    assert set(reductions) == {str(c) for c in EIGHT_DEVICE_CHUNKS}
+    for chunk, summary in reductions.items():
+        assert_gradients_reduced_once_after_the_loops(summary, f"8 devices, gc chunk {chunk}")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hlo_collectives import assert_gradients_reduced_once_after_the_loops
 from train_fixtures import contrastive_batch
 from training_runs import script_results
 from vlm2vec_jax.batch import MERGE_UNITS
@@ -148,6 +149,15 @@ def test_packed_step_equals_the_padded_step(step_results: dict, devices: int, ch
         assert max(r["num_chunks"]) <= r["capacity"]
     for fault, error in result["faults"].items():
         assert error > 1e-3, f"injected fault {fault!r} went unseen (gradient error {error})"
+
+
+@pytest.mark.slow
+def test_packed_gradients_are_reduce_scattered_once_per_step_never_per_chunk(step_results: dict) -> None:
+    """The compiled 8-device packed step: its chunk loops (fori_loops of a traced trip count) hold no
+    all-reduce or reduce-scatter (the embedding buffer is summed between the passes), and each
+    gradient leaf is reduced once after them (tests/hlo_collectives.py)."""
+    for chunk, r in step_results[8]["chunks"].items():
+        assert_gradients_reduced_once_after_the_loops(r["reductions"], f"packed, 8 devices, gc chunk {chunk}")
 
 
 @pytest.mark.slow

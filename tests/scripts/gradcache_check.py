@@ -15,6 +15,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_fixtures import contrastive_batch, perturbed_dora  # noqa: E402
+from hlo_collectives import canary, step_reductions  # noqa: E402
 from tree_compare import leaf_errors, worst_leaf  # noqa: E402
 
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
@@ -62,7 +63,10 @@ def main(chunk_sizes: list[int]) -> None:
         return jax.jit(jax.grad(loss))(params)
 
     expected = reference(dropout=True)
-    results = {"devices": jax.device_count(), "dropout_effect": relative(reference(dropout=False), expected)["leaf_error"], "errors": {}}
+    results = {
+        "devices": jax.device_count(), "dropout_effect": relative(reference(dropout=False), expected)["leaf_error"], "errors": {},
+        "reductions": {}, "canary": canary(make_mesh(-1, 1, 1)),
+    }
     mesh = make_mesh(-1, 1, 1)
     sgd = optax.sgd(1.0)  # params after one step = params - gradient
     abstract = abstract_train_state(params, sgd, mesh)
@@ -72,9 +76,12 @@ def main(chunk_sizes: list[int]) -> None:
             StepOptions(TEMPERATURE, chunk, mask_duplicate_targets=True), mesh, abstract, param_shardings(frozen, mesh), batch,
         )
         state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, abstract.params)), sgd, abstract)
-        state, _ = step(state, place(frozen, param_shardings(frozen, mesh)), device_batch(batch, mesh), key)
+        inputs = (state, place(frozen, param_shardings(frozen, mesh)), device_batch(batch, mesh), key)
+        compiled = step.lower(*inputs).compile()
+        state, _ = compiled(*inputs)
         got = jax.tree.map(lambda before, after: np.asarray(before) - np.asarray(after), params, state.params)
         results["errors"][str(chunk)] = relative(got, expected)
+        results["reductions"][str(chunk)] = step_reductions(compiled.as_text(), abstract.params, mesh)
     print(json.dumps(results))
 
 

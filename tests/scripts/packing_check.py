@@ -17,6 +17,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_fixtures import contrastive_batch, perturbed_dora  # noqa: E402
+from hlo_collectives import step_reductions  # noqa: E402
 
 from vlm2vec_jax.data.packing import PackBudget, pack_record  # noqa: E402
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
@@ -105,15 +106,15 @@ def main(chunk_sizes: list[int]) -> None:
 
     def run(record: dict, chunk: int):
         layout = (chunk, "packed" in record)
+        state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, abstract.params)), sgd, abstract)
+        inputs = (state, placed_frozen, device_batch(record, mesh), key)
         if layout not in steps:
             steps[layout] = make_train_step(
                 make_embed_factory(graphdef, dropout=True, image_config=image_config), sgd, optax.constant_schedule(1.0),
                 StepOptions(TEMPERATURE, chunk, mask_duplicate_targets=True), mesh, abstract,
                 param_shardings(frozen, mesh), record,
-            )
-        step = steps[layout]
-        state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, abstract.params)), sgd, abstract)
-        state, metrics = step(state, placed_frozen, device_batch(record, mesh), key)
+            ).lower(*inputs).compile()
+        state, metrics = steps[layout](*inputs)
         grads = jax.tree.map(lambda before, after: np.asarray(before, np.float64) - np.asarray(after), params, state.params)
         return grads, {k: float(v) for k, v in metrics.items()}
 
@@ -134,6 +135,7 @@ def main(chunk_sizes: list[int]) -> None:
             "num_chunks": packed["packed"]["num_chunks"].tolist(),
             "capacity": budget.chunks,
             "tokens": expected_metrics["tokens"],
+            "reductions": step_reductions(steps[(chunk, True)].as_text(), abstract.params, mesh),
         }
         if chunk == chunk_sizes[-1]:
             for fault in FAULTS:
