@@ -7,7 +7,6 @@ collective, and the one reduction of the gradients runs after them."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -35,11 +34,6 @@ class Reduction:
     computation: str
     shapes: tuple[tuple[int, ...], ...]  # of its result (several for a combined reduction)
     in_loop: bool
-
-    @property
-    def largest(self) -> int:
-        """Elements of its largest result array."""
-        return max((math.prod(s) for s in self.shapes), default=0)
 
 
 def _shapes(result_type: str) -> tuple[tuple[int, ...], ...]:
@@ -82,17 +76,21 @@ def reductions(hlo_text: str) -> list[Reduction]:
     return [Reduction(op, computation, shapes, computation in in_loop) for op, computation, shapes in found]
 
 
+def by_place(found: list[Reduction]) -> dict[str, list]:
+    """JSON: {"in_loop": [[op, shapes, computation]...], "outside": [[op, shapes]...]}."""
+    return {
+        "in_loop": [[r.op, r.shapes, r.computation] for r in found if r.in_loop],
+        "outside": [[r.op, r.shapes] for r in found if not r.in_loop],
+    }
+
+
 def step_reductions(hlo_text: str, params: Any, mesh: Mesh) -> dict[str, list]:
     """JSON for a test: the training step's reductions in and out of loops ([op, result shapes]),
     and for each trainable leaf of `params` its gradient's ZeRO-2 shard on one device and its full
     shape (the layout `sharding.zero2_spec` gives the step's gradients)."""
-    found = reductions(hlo_text)
     shard = lambda p: NamedSharding(mesh, zero2_spec(p.shape, mesh)).shard_shape(p.shape)  # noqa: E731
-    return {
-        "in_loop": [[r.op, r.shapes, r.computation] for r in found if r.in_loop],
-        "outside": [[r.op, r.shapes] for r in found if not r.in_loop],
-        "gradients": [[list(shard(p)), list(p.shape)] for p in jax.tree.leaves(params)],
-    }
+    gradients = [[list(shard(p)), list(p.shape)] for p in jax.tree.leaves(params)]
+    return {**by_place(reductions(hlo_text)), "gradients": gradients}
 
 
 def assert_gradients_reduced_once_after_the_loops(summary: dict[str, list], what: str) -> None:
@@ -124,5 +122,4 @@ def canary(mesh: Mesh) -> dict[str, list]:
     one_axis = Mesh(mesh.devices.reshape(-1), (axis,))
     step = jax.jit(jax.shard_map(program, mesh=one_axis, in_specs=P(axis), out_specs=P(axis)))
     x = jax.ShapeDtypeStruct((devices, 4 * devices), jnp.float32, sharding=NamedSharding(one_axis, P(axis)))
-    found = reductions(step.lower(x).compile().as_text())
-    return {"in_loop": [[r.op, r.shapes] for r in found if r.in_loop], "outside": [[r.op, r.shapes] for r in found if not r.in_loop]}
+    return by_place(reductions(step.lower(x).compile().as_text()))

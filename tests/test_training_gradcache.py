@@ -62,7 +62,7 @@ def test_gradients_are_reduce_scattered_once_per_step_never_per_chunk(gradcache_
     psum every parameter use inside the scans: this fails then."""
     # The parser sees this XLA's loops and reductions: a psum in a fori_loop, a psum_scatter after.
     canary = gradcache_results[8]["canary"]
-    assert [op for op, _ in canary["in_loop"]] == ["all-reduce"], canary
+    assert [op for op, *_ in canary["in_loop"]] == ["all-reduce"], canary
     assert [op for op, _ in canary["outside"]] == ["reduce-scatter"], canary
     reductions = gradcache_results[8]["reductions"]
     assert set(reductions) == {str(c) for c in EIGHT_DEVICE_CHUNKS}

@@ -65,9 +65,10 @@ def main(chunk_sizes: list[int]) -> None:
     expected = reference(dropout=True)
     results = {
         "devices": jax.device_count(), "dropout_effect": relative(reference(dropout=False), expected)["leaf_error"], "errors": {},
-        "reductions": {}, "canary": canary(make_mesh(-1, 1, 1)),
+        "reductions": {},
     }
     mesh = make_mesh(-1, 1, 1)
+    results["canary"] = canary(mesh)
     sgd = optax.sgd(1.0)  # params after one step = params - gradient
     abstract = abstract_train_state(params, sgd, mesh)
     for chunk in chunk_sizes:

@@ -61,7 +61,7 @@ def device_memory_error(err: Exception, step: int, config: ml_collections.Config
     text = str(err)
     if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
         return None
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    first = text.strip().splitlines()[0]
     t = config.train
     chunk = (f"lower train.gc_chunk_size (now {t.gc_chunk_size}) or, when packed, train.pack_text_rows / "
              "train.pack_vision_rows" if t.gc_chunk_size else
