@@ -28,7 +28,7 @@ from PIL import Image
 from vlm2vec_jax.data.batch_plan import RandomBatchPlan
 from vlm2vec_jax.data.pipeline import TrainBatchSource, make_train_iterator
 from vlm2vec_jax.data.records import Side, TrainPair
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import build_tiny_tokenizer
+from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer
 from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 

@@ -87,7 +87,7 @@ def _backend_up() -> dict:
     import jax.numpy as jnp
     from flax import nnx  # noqa: F401
 
-    import vlm2vec_jax.models.qwen2_vl.hf_import  # noqa: F401
+    import vlm2vec_jax.models.hf_import  # noqa: F401
 
     jnp.zeros(8).block_until_ready()
     return {"baseline_rss": _maxrss_bytes(), "baseline_status": _status(), "device": str(jax.devices()[0])}
@@ -98,7 +98,7 @@ def child_load(directory: str) -> dict:
     import jax
     from flax import nnx
 
-    from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+    from vlm2vec_jax.models.hf_import import load_pretrained
 
     with _Sampler() as sampler:
         start = time.perf_counter()
@@ -159,7 +159,7 @@ def _encode_direct(directory: str) -> dict:
     from flax import nnx
     from transformers import AutoTokenizer
 
-    from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+    from vlm2vec_jax.models.hf_import import load_pretrained
 
     start = time.perf_counter()
     model = load_pretrained(directory, dtype="bfloat16")

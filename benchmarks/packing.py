@@ -71,7 +71,7 @@ from common import base  # noqa: E402
 from vlm2vec_jax.data.prompts import IMAGE_TOKEN, to_backbone_text  # noqa: E402
 from vlm2vec_jax.embedder import Embedder  # noqa: E402
 from vlm2vec_jax.models.lora import HF_TARGETS  # noqa: E402
-from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained  # noqa: E402
+from vlm2vec_jax.models.hf_export import save_pretrained  # noqa: E402
 from vlm2vec_jax.processing.image import resized_size  # noqa: E402
 from vlm2vec_jax.processing.text import with_image_placeholder  # noqa: E402
 from vlm2vec_jax.training import data_setup  # noqa: E402

@@ -46,7 +46,7 @@ import torch
 from flax import nnx
 
 from vlm2vec_jax.models.lora import HF_TARGETS, LoRAConfig, apply_lora
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image
 from vlm2vec_jax.processing.text import TextProcessor

@@ -14,10 +14,10 @@ def base() -> ml_collections.ConfigDict:
     c.dry_run = False  # compile the training step only, on `topology.devices` simulated CPU devices, from abstract shapes (no weights, no data): print per-device memory, FLOPs per step and the projected step time, write workdir/dry_run.json
 
     c.model = ml_collections.ConfigDict()
-    c.model.init = "random"  # "random" (architecture below), a Hugging Face Qwen2-VL directory, or a PEFT LoRA/DoRA adapter directory (its base from base_model_name_or_path; train.mode=lora trains its adapters, which then set rank, alpha, targets and DoRA instead of lora.*; train.mode=full starts from the merged weights)
+    c.model.init = "random"  # "random" (architecture below), a Hugging Face directory of a supported backbone (its config.json's model_type: qwen2_vl, qwen2_5_vl), or a PEFT LoRA/DoRA adapter directory (its base from base_model_name_or_path; train.mode=lora trains its adapters, which then set rank, alpha, targets and DoRA instead of lora.*; train.mode=full starts from the merged weights)
     c.model.geometry = ""  # dry runs without model.init: "2b" or "7b", the real Qwen2-VL geometry (a Hugging Face model.init gives its config.json instead)
-    c.model.architecture = ml_collections.ConfigDict(  # only for init="random"
-        dict(text_hidden=128, text_layers=2, heads=4, kv_heads=2, intermediate=512,
+    c.model.architecture = ml_collections.ConfigDict(  # only for init="random"; model_type: the backbone (qwen2_vl, qwen2_5_vl)
+        dict(model_type="qwen2_vl", text_hidden=128, text_layers=2, heads=4, kv_heads=2, intermediate=512,
              vision_dim=64, vision_depth=2, vision_heads=2, vocab_size=1024)
     )
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real Qwen2-VL checkpoints written by transformers into temp dirs."""
+"""Shared fixtures: tiny real checkpoints of each backbone, written by transformers into temp dirs."""
 
 import os
 from pathlib import Path
@@ -28,3 +28,16 @@ def tiny_ckpt_untied(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_ckpt_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same weights as `tiny_ckpt`, split over several files with model.safetensors.index.json."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sharded"), max_pixels=56 * 56 * 16, sharded=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2.5-VL: windows of 4 x 4 patches in its first vision block, full attention in its
+    last (`Qwen2_5_VLConfig.small_vision`), images up to 64 patches."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), max_pixels=56 * 56 * 16, model_type="qwen2_5_vl")
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl"])
+def backbone_ckpt(request: pytest.FixtureRequest) -> Path:
+    """The tiny checkpoint of each backbone in turn."""
+    return request.getfixturevalue("tiny_ckpt" if request.param == "qwen2_vl" else f"tiny_ckpt_{request.param}")

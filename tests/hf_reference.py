@@ -1,11 +1,13 @@
-"""Run transformers' PyTorch Qwen2-VL and build the matching `ModelInputs` by hand, so model
-parity tests depend on nothing of ours but the model."""
+"""Run transformers' PyTorch model of a checkpoint (the class its config.json names: Qwen2-VL,
+Qwen2.5-VL) and build the matching `ModelInputs` by hand, so model parity tests depend on nothing
+of ours but the model."""
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+import transformers
+from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.vision_utils import get_vision_position_ids
 
@@ -24,7 +26,8 @@ class Reference:
 
 class HFReference:
     def __init__(self, checkpoint_dir: str):
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(checkpoint_dir).eval()
+        architecture = transformers.AutoConfig.from_pretrained(checkpoint_dir).architectures[0]
+        self.model = getattr(transformers, architecture).from_pretrained(checkpoint_dir).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint_dir)
         self.config = self.model.config

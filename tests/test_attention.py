@@ -11,8 +11,9 @@ from flax import nnx
 from training_runs import xla_flags
 from vlm2vec_jax import Embedder
 from vlm2vec_jax.models.attention import SegmentMask, attention, resolve
-from vlm2vec_jax.models.qwen2_vl.config import ConfigError, Qwen2VLConfig
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.backbones import read_config
+from vlm2vec_jax.models.qwen2_vl.config import ConfigError
+from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
 RTOL = 1e-5
@@ -94,7 +95,7 @@ def test_unknown_kernel_is_named(tiny_ckpt):
     with pytest.raises(ValueError, match="model.attention='flash'; valid: auto, dense, xla, splash"):
         resolve("flash")
     with pytest.raises(ConfigError, match="attention 'flash' is not one of"):
-        Qwen2VLConfig.from_pretrained_dir(tiny_ckpt, attention="flash")
+        read_config(tiny_ckpt, attention="flash")
     assert resolve("auto") == {"cpu": "dense", "gpu": "xla", "tpu": "splash"}[jax.default_backend()]
 
 

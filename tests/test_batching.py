@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vlm2vec_jax.batch import TEXT_KEYS, VISION_KEYS
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import build_tiny_tokenizer
+from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example, pick_bucket, shape_signature
 from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image, vision_patch_positions
 from vlm2vec_jax.processing.rope_index import rope_index

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vlm2vec_jax import Embedder
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import build_tiny_tokenizer
+from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, process_image
 from vlm2vec_jax.processing.packed_batching import PackedBatcher, first_fit

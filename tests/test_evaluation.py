@@ -27,7 +27,7 @@ from vlm2vec_jax.eval import main as eval_main
 from vlm2vec_jax.evaluation import DatasetScore, evaluate, summarize, write_report
 from vlm2vec_jax.evaluation.fingerprint import describe_model, model_fingerprint
 from vlm2vec_jax.evaluation.scoring import predict
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.hf_import import load_pretrained
 
 # ml_collections loads config files with the deprecated importlib `load_module`
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")

@@ -21,7 +21,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 from transformers.vision_utils import get_vision_position_ids
 
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import HUB_PREPROCESSOR_CONFIG
+from vlm2vec_jax.models.model_dir_files import HUB_PREPROCESSOR_CONFIG
 from vlm2vec_jax.processing.image import (
     ImageError,
     ImageProcessorConfig,

@@ -1,4 +1,5 @@
-"""The Flax Qwen2-VL equals transformers' PyTorch Qwen2-VL (float32, 1e-5) on the same checkpoint."""
+"""Each Flax backbone equals transformers' PyTorch model (float32, 1e-5) on the same checkpoint:
+Qwen2-VL, and Qwen2.5-VL with window and full-attention vision blocks (`backbone_ckpt`)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,20 +12,20 @@ from hf_reference import HFReference
 from jaxpr_inspect import checkpoint_primitive, dot_operand_dtypes, primitive_names
 from tree_compare import assert_trees_close
 from vlm2vec_jax.models.pooling import l2_normalize, last_token_pool
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_ckpt):
-    return HFReference(str(tiny_ckpt))
+def hf(backbone_ckpt):
+    return HFReference(str(backbone_ckpt))
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_ckpt):
-    return load_pretrained(tiny_ckpt)
+def ours(backbone_ckpt):
+    return load_pretrained(backbone_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +93,14 @@ def test_legacy_positions_match_transformers_given_the_same_positions(hf, forwar
     _close(forward({**ref.ours, "position_ids": legacy}), expected, ref.mask)
 
 
-def test_remat_gives_the_same_gradients_and_is_applied(tiny_ckpt, hf):
+def test_remat_gives_the_same_gradients_and_is_applied(backbone_ckpt, hf):
     """remat cannot change a forward; what it could break is the backward (recomputed activations
     used wrongly). Gradients of a loss on the embeddings must match without remat, leaf by leaf, and
     the rematted gradient must really contain checkpointed (recomputed) calls."""
     ref = hf.build(SEQUENCES["mixed_batch"], IMAGES)
     grads, primitives = {}, {}
     for remat in (False, True):
-        model = load_pretrained(tiny_ckpt, remat=remat)
+        model = load_pretrained(backbone_ckpt, remat=remat)
         shape = jax.eval_shape(model, ref.ours).shape
         direction = np.random.default_rng(0).normal(size=shape).astype(np.float32)  # loss = <embeddings, direction>
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -115,10 +116,10 @@ def test_remat_gives_the_same_gradients_and_is_applied(tiny_ckpt, hf):
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads[False])) > 1e-3  # not a comparison of zeros
 
 
-def test_bfloat16_computes_in_bfloat16_and_stays_close(tiny_ckpt, hf, forward):
+def test_bfloat16_computes_in_bfloat16_and_stays_close(backbone_ckpt, hf, forward):
     ref = hf.build(SEQUENCES["mixed_batch"], IMAGES)
     expected = hf.hidden_states(ref)
-    bf16 = load_pretrained(tiny_ckpt, dtype="bfloat16")
+    bf16 = load_pretrained(backbone_ckpt, dtype="bfloat16")
     # Every matmul (projections, attention, MLP, both towers) takes bfloat16 operands: a model that
     # upcast to float32 would not.
     dots = dot_operand_dtypes(jax.make_jaxpr(bf16.hidden_states)(ref.ours).jaxpr)

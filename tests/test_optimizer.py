@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from train_fixtures import perturbed_dora
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.training.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from vlm2vec_jax.training.trainable import split_for_training
 

@@ -33,7 +33,7 @@ from vlm2vec_jax.cli_config import ConfigError, parse_config
 from vlm2vec_jax.models.model_dir import resolve_model_dir
 from vlm2vec_jax.models.lora import FUSED_GROUPS, LoRAParam, lora_config_of, lora_parameter_count
 from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_peft_adapter, read_peft_adapter, write_peft_adapter
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.training.loop import Trainer
 
 
@@ -146,6 +146,29 @@ def test_our_dora_loads_in_peft_with_equal_embeddings_and_round_trips_exactly(ti
     assert len(want) == len(got) == 7 * 3
     for path, variable in want:
         np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(variable.get_value()), err_msg=str(path))
+    np.testing.assert_array_equal(embed(back, batch), ours)
+
+
+def test_adapter_on_qwen2_5_vl_loads_in_peft_on_its_own_class(tiny_ckpt_qwen2_5_vl, tmp_path):
+    """The adapter file names the backbone it was trained on: PEFT maps it onto
+    `Qwen2_5_VLForConditionalGeneration`, adapts exactly the modules we did (`load_in_peft`) and
+    computes our embeddings; we read it back unchanged."""
+    batch = HFReference(str(tiny_ckpt_qwen2_5_vl)).build(SEQUENCES[:4], IMAGES)
+    model = nnx.merge(*perturbed_dora(tiny_ckpt_qwen2_5_vl))
+    ours = embed(model, batch)
+    assert_moved(ours, embed(load_pretrained(tiny_ckpt_qwen2_5_vl), batch))
+    out = write_peft_adapter(model, tmp_path / "adapter", base=tiny_ckpt_qwen2_5_vl)
+    written = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert written["auto_mapping"] == {
+        "base_model_class": "Qwen2_5_VLForConditionalGeneration",
+        "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    }
+    # its vision MLP has gate/up/down_proj too: a plain list would have PEFT adapt those as well
+    assert isinstance(written["target_modules"], str) and "language_model" in written["target_modules"]
+    ref = load_in_peft(tiny_ckpt_qwen2_5_vl, out)
+    assert_close(peft_embeddings(ref, batch), ours, floor=0.2)
+    back = load_pretrained(tiny_ckpt_qwen2_5_vl)
+    apply_peft_adapter(back, read_peft_adapter(out))
     np.testing.assert_array_equal(embed(back, batch), ours)
 
 

@@ -47,7 +47,7 @@ from vlm2vec_jax.data.synthetic import (
     generate,
     held_out_labels,
 )
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import build_tiny_tokenizer
+from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer
 from vlm2vec_jax.processing.image import smart_resize
 from vlm2vec_jax.training.data_setup import data_roots, load_train_set
 

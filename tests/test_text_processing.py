@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import SPECIAL_TOKENS, build_tiny_tokenizer
+from vlm2vec_jax.models.model_dir_files import SPECIAL_TOKENS, build_tiny_tokenizer
 from vlm2vec_jax.processing.text import TextProcessor
 
 PLAIN_TEXTS = [

@@ -169,7 +169,7 @@ def test_lora_checkpoint_holds_only_adapters_that_moved_and_export_merges_them_o
     from flax import nnx
 
     from vlm2vec_jax.models.lora import LoRAParam, merge_lora
-    from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+    from vlm2vec_jax.models.hf_import import load_pretrained
 
     step, state, _ = restore_latest(lora_run)
     assert step == STEPS

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
+from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, patchify, raw_patch_dim
 from vlm2vec_jax.processing.text import TextProcessor

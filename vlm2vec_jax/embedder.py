@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from vlm2vec_jax.models.lora import merge_lora
 from vlm2vec_jax.models.peft_adapter import is_adapter_dir, load_adapted, processor_dir
-from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.hf_export import save_pretrained
+from vlm2vec_jax.models.hf_import import load_pretrained
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
 from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image
 from vlm2vec_jax.processing.packed_batching import PackedBatcher
@@ -63,7 +63,7 @@ class Embedder:
 
     def __init__(
         self,
-        model: Qwen2VL,
+        model: VisionLanguageModel,
         text: TextProcessor,
         image_config: ImageProcessorConfig,
         *,

@@ -60,6 +60,12 @@ class SegmentMask:
         dense = None if kernel == "splash" else dense_mask(segment_ids, causal=causal)
         return cls(segment_ids, causal, kernel, dense)
 
+    def where(self, flag: jax.Array, other: SegmentMask) -> SegmentMask:
+        """This mask where the traced boolean `flag` holds, else `other` (same kernel and shape):
+        how a scanned layer picks its own mask from two built once outside the scan."""
+        dense = None if self.dense is None else jnp.where(flag, self.dense, other.dense)
+        return SegmentMask(jnp.where(flag, self.segment_ids, other.segment_ids), self.causal, self.implementation, dense)
+
     def for_queries(self, query_index: jax.Array) -> SegmentMask:
         """The mask of only the tokens `query_index` (B, Q) names as queries (keys: every token),
         dense whatever the kernel: Q x L is small, and splash needs square causal blocks."""

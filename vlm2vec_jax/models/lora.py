@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 
 # PEFT's target names, in a fixed order: a target's index here is its dropout stream.
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -186,7 +186,7 @@ class LoRALinear(nnx.Module):
         return jnp.concatenate(pieces, axis=-1)
 
 
-def _group_widths(model: Qwen2VL) -> dict[str, int]:
+def _group_widths(model: VisionLanguageModel) -> dict[str, int]:
     t = model.config.text
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     return dict(
@@ -195,7 +195,7 @@ def _group_widths(model: Qwen2VL) -> dict[str, int]:
     )
 
 
-def apply_lora(model: Qwen2VL, config: LoRAConfig, rngs: nnx.Rngs) -> None:
+def apply_lora(model: VisionLanguageModel, config: LoRAConfig, rngs: nnx.Rngs) -> None:
     """Wrap (in place) each decoder linear holding a target in a `LoRALinear`; the vision tower is
     untouched. Dropout is off until `set_lora_dropout` is called with example ids."""
     layers = model.language_model.layers
@@ -268,7 +268,7 @@ def set_lora_dropout(model: nnx.Module, key: jax.Array, example_ids: jax.Array |
         adapter.dropout_keys.set_value(data)
 
 
-def merge_lora(model: Qwen2VL) -> None:
+def merge_lora(model: VisionLanguageModel) -> None:
     """Fold every adapter into its base kernel and put the plain nnx.Linear back (in place), so
     `hf_export.save_pretrained` writes an ordinary Qwen2-VL checkpoint."""
     layers = model.language_model.layers

@@ -14,7 +14,7 @@ weight does. A PEFT module's tensors are then one group's slice at one layer, tr
     lora_magnitude_vector  (out,)   = magnitude[layer]    magnitude: (layers, out)
 
 with the scale alpha / r from `lora_alpha` and `r` (not rsLoRA). Keys are written as PEFT 0.21 on
-transformers 5 names them for `Qwen2VLForConditionalGeneration` (the checkpoints' architecture):
+transformers 5 names them for the backbone's class (e.g. `Qwen2VLForConditionalGeneration`):
 `base_model.model.model.language_model.layers.{i}.self_attn.q_proj.lora_A.weight`; read are also
 the `Qwen2VLModel` layout (`base_model.model.language_model.layers...`) and transformers 4.x's
 (`base_model.model.model.layers...`, released VLM2Vec adapters). Anything in a config or a file
@@ -38,10 +38,11 @@ import numpy as np
 from flax import nnx
 
 from vlm2vec_jax.models.lora import FUSED_GROUPS, HF_TARGETS, LoRAConfig, LoRALinear, apply_lora, lora_config_of
-from vlm2vec_jax.models.qwen2_vl.hf_export import SIDECAR_FILES
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
-from vlm2vec_jax.models.qwen2_vl.safetensors_files import iter_tensors
+from vlm2vec_jax.models.backbones import ModelConfig, backbone_of, checkpoint_rules
+from vlm2vec_jax.models.hf_export import SIDECAR_FILES
+from vlm2vec_jax.models.hf_import import load_pretrained
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
+from vlm2vec_jax.models.safetensors_files import iter_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -245,7 +246,7 @@ def processor_dir(adapter_dir: str | Path, base: Path) -> Path:
     return base
 
 
-def apply_peft_adapter(model: Qwen2VL, adapter: PeftAdapter, *, dropout: float | None = None) -> None:
+def apply_peft_adapter(model: VisionLanguageModel, adapter: PeftAdapter, *, dropout: float | None = None) -> None:
     """Add the adapter to `model` (in place) as trainable `LoRALinear` groups holding the file's
     values; `dropout` replaces the file's lora_dropout (a training choice, not part of the adapter)."""
     config = adapter.config if dropout is None else dataclasses.replace(adapter.config, dropout=dropout)
@@ -274,7 +275,7 @@ def apply_peft_adapter(model: Qwen2VL, adapter: PeftAdapter, *, dropout: float |
 
 def load_adapted(
     directory: str | Path, *, base: str | Path | None = None, dropout: float | None = None, **load_options: Any
-) -> tuple[Qwen2VL, PeftAdapter, Path]:
+) -> tuple[VisionLanguageModel, PeftAdapter, Path]:
     """(base model with the adapter applied, unmerged; the adapter; the base directory).
     `load_options` go to `hf_import.load_pretrained` (dtype, param_dtype, remat, attention, sharding_for)."""
     adapter = read_peft_adapter(directory)
@@ -284,7 +285,7 @@ def load_adapted(
     return model, adapter, base_path
 
 
-def _peft_tensors(model: Qwen2VL) -> dict[str, np.ndarray]:
+def _peft_tensors(model: VisionLanguageModel) -> dict[str, np.ndarray]:
     """PEFT's state dict (adapter name stripped) of the model's adapters, per layer and projection."""
     out: dict[str, np.ndarray] = {}
     layers_module = model.language_model.layers
@@ -305,30 +306,44 @@ def _peft_tensors(model: Qwen2VL) -> dict[str, np.ndarray]:
     return out
 
 
-def adapter_config_dict(config: LoRAConfig, base: str | Path | None) -> dict[str, Any]:
-    """The adapter_config.json PEFT would write for `config` (keys it fills with defaults left out)."""
+def peft_target_modules(targets: tuple[str, ...], backbone_config: ModelConfig) -> list[str] | str:
+    """PEFT's `target_modules` for adapters on the language model's `targets`: the plain list of
+    names (as VLM2Vec's adapters carry) unless the vision tower has modules of those names
+    (Qwen2.5-VL's gate/up/down_proj), where PEFT would adapt them too; then a regex that PEFT
+    full-matches against module paths, naming the language model's layers only."""
+    vision_modules = {key.split(".")[-2] for rule in checkpoint_rules(backbone_config) for key, *_ in rule.hf_keys()
+                      if key.startswith("visual.")}
+    if not vision_modules & set(targets):
+        return list(targets)
+    return rf".*\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(targets)})"
+
+
+def adapter_config_dict(config: LoRAConfig, backbone_config: ModelConfig, base: str | Path | None) -> dict[str, Any]:
+    """The adapter_config.json PEFT would write for `config` on the transformers class of
+    `backbone_config`'s backbone (keys it fills with defaults left out)."""
+    backbone = backbone_of(backbone_config)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None if base is None else str(base),
-        "auto_mapping": {"base_model_class": "Qwen2VLForConditionalGeneration", "parent_library": "transformers.models.qwen2_vl.modeling_qwen2_vl"},
+        "auto_mapping": {"base_model_class": backbone.architecture, "parent_library": backbone.transformers_module},
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_dora": config.use_dora,
-        "target_modules": list(config.targets), "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
+        "target_modules": peft_target_modules(config.targets, backbone_config), "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
         "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
     }
 
 
-def write_peft_adapter(model: Qwen2VL, out: str | Path, *, base: str | Path | None, processor: str | Path | None = None) -> Path:
+def write_peft_adapter(model: VisionLanguageModel, out: str | Path, *, base: str | Path | None, processor: str | Path | None = None) -> Path:
     """Write the model's adapters as a PEFT directory: adapter_config.json (base_model_name_or_path
     = `base`, as written) and adapter_model.safetensors (float32), plus the tokenizer and
     preprocessor files of `processor` (a model directory) when given. `PeftModel.from_pretrained(
-    Qwen2VLForConditionalGeneration.from_pretrained(base), out)` loads it."""
+    <the backbone's transformers class>.from_pretrained(base), out)` loads it."""
     from safetensors.numpy import save_file
 
     out = Path(out)
     config = lora_config_of(model)
     out.mkdir(parents=True, exist_ok=True)
     save_file(_peft_tensors(model), out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(config, base), indent=2))
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(config, model.config, base), indent=2))
     if processor is not None and Path(processor).resolve() != out.resolve():
         for name in SIDECAR_FILES:
             if (Path(processor) / name).is_file():

@@ -9,7 +9,7 @@ length into text rows of one bucketed length:
   its own M-RoPE positions, so the decoder attends causally within a segment only
   (`models/attention.py`);
 - ``pool_positions`` int32 (rows, Q): the column of each segment's last token, Q slots per row
-  (empty slots name column 0, their vectors are dropped); `Qwen2VL.embed` returns (rows * Q, D);
+  (empty slots name column 0, their vectors are dropped); `VisionLanguageModel.embed` returns (rows * Q, D);
 - images are packed whole into vision rows by the `Batcher` (first-fit, largest first, told apart
   by ``patch_segment_ids``), and ``image_token_index`` still points at their merged tokens. The
   vision rows follow the images a batch holds; only the text budget bounds them, so a packed

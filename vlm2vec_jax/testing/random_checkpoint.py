@@ -19,17 +19,16 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from vlm2vec_jax.models.qwen2_vl.checkpoint_keys import checkpoint_rules
-from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vlm2vec_jax.models.qwen2_vl.safetensors_files import write_checkpoint_files
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import write_qwen2vl_processor_files
+from vlm2vec_jax.models.backbones import ModelConfig, checkpoint_rules
+from vlm2vec_jax.models.safetensors_files import write_checkpoint_files
+from vlm2vec_jax.models.model_dir_files import write_qwen2vl_processor_files
 
 # Hub checkpoints are cut at about 4 GB per shard (Qwen2-VL-2B-Instruct: 3.99 GB + 0.43 GB).
 DEFAULT_SHARD_BYTES = 4_000_000_000
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
 
 
-def checkpoint_tensor_specs(config: Qwen2VLConfig) -> list[tuple[str, tuple[int, ...]]]:
+def checkpoint_tensor_specs(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(hub key, shape) of every tensor of the checkpoint, in table order (no LM head)."""
     return [(key, shape) for rule in checkpoint_rules(config) for key, shape, _, _ in rule.hf_keys()]
 
@@ -43,7 +42,7 @@ def _random_tensor(key: str, shape: tuple[int, ...], dtype: np.dtype, rng: np.ra
 
 
 def write_random_checkpoint(
-    config: Qwen2VLConfig,
+    config: ModelConfig,
     out_dir: str | Path,
     *,
     dtype: str = "bfloat16",
@@ -75,7 +74,7 @@ def write_random_checkpoint(
     return out
 
 
-def iter_random_tensors(config: Qwen2VLConfig, *, dtype: str = "bfloat16", seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+def iter_random_tensors(config: ModelConfig, *, dtype: str = "bfloat16", seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """The tensors `write_random_checkpoint` writes, one at a time (same values for the same seed)."""
     np_dtype = np.dtype(_DTYPES[dtype])
     for i, (key, shape) in enumerate(checkpoint_tensor_specs(config)):

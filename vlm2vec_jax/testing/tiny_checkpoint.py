@@ -6,7 +6,7 @@ so the code under test reads it through the same path as Qwen2-VL-2B, and transf
 which is what makes parity tests against the PyTorch model possible.
 
 Choices, and why:
-- The tokenizer and config.json are `models.qwen2_vl.model_dir_files`'s (a byte-level BPE trained on
+- The tokenizer and config.json are `models.model_dir_files`'s (a byte-level BPE trained on
   its small built-in corpus; its module doc says why they are built as they are).
 - Weights are random but not default-initialised: linear weights have std 1/sqrt(fan_in) and
   embeddings std 1, so activations stay O(1) through every layer (the default std 0.02 makes
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import build_tiny_tokenizer, tiny_hf_config
+from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer, tiny_hf_config
 
 
 def _randomize_(model: object, seed: int) -> None:
@@ -61,26 +61,28 @@ def build_tiny_checkpoint(
     min_pixels: int = 56 * 56,
     max_pixels: int = 56 * 56 * 4,
     sharded: bool = False,
+    model_type: str = "qwen2_vl",
 ) -> Path:
-    """Write a random tiny Qwen2-VL checkpoint (weights, config, tokenizer, image processor); returns `out_dir`.
+    """Write a random tiny checkpoint of the backbone `model_type` (weights, config, tokenizer,
+    image processor) with transformers' own model class; returns `out_dir`.
 
     `sharded=True` saves with a small `max_shard_size` so the multi-file layout with
     `model.safetensors.index.json` is produced, as for real multi-GB checkpoints.
     """
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = build_tiny_tokenizer(out_dir)
-    config = Qwen2VLConfig(
-        **tiny_hf_config(
-            out, text_hidden=text_hidden, text_layers=text_layers, heads=heads, kv_heads=kv_heads,
-            intermediate=intermediate, vision_dim=vision_dim, vision_depth=vision_depth,
-            vision_heads=vision_heads, tie_word_embeddings=tie_word_embeddings,
-        )
+    raw = tiny_hf_config(
+        out, text_hidden=text_hidden, text_layers=text_layers, heads=heads, kv_heads=kv_heads,
+        intermediate=intermediate, vision_dim=vision_dim, vision_depth=vision_depth,
+        vision_heads=vision_heads, tie_word_embeddings=tie_word_embeddings, model_type=model_type,
     )
+    model_class = getattr(transformers, raw["architectures"][0])
+    config = model_class.config_class(**raw)
     torch_dtype = getattr(torch, dtype)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     _randomize_(model, seed)
     model.to(torch_dtype)
     model.config.dtype = torch_dtype

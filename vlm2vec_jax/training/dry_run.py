@@ -40,8 +40,8 @@ from vlm2vec_jax.data.pipeline import vision_row_patches
 from vlm2vec_jax.data.profile import Profile
 from vlm2vec_jax.data.profile_batches import LengthBatch, draw_batches, shard_chunks
 from vlm2vec_jax.data.profiles import resolve_profile
-from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.backbones import ModelConfig, build_model, read_config
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.processing.batching import ShapeSignature
 from vlm2vec_jax.processing.image import ImageProcessorConfig, raw_patch_dim
 from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
@@ -72,13 +72,13 @@ def simulate_devices(count: int) -> None:
         )
 
 
-def model_config(config: ml_collections.ConfigDict) -> Qwen2VLConfig:
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The geometry to compile: a Hugging Face `model.init`'s config.json (nothing else is read),
     else the named real geometry `model.geometry`."""
     m = config.model
     options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
     if m.init and m.init != RANDOM:
-        return Qwen2VLConfig.from_pretrained_dir(init_dirs(m.init)[0], **options)  # a PEFT adapter: its base's
+        return read_config(init_dirs(m.init)[0], **options)  # a PEFT adapter: its base's
     if m.geometry not in GEOMETRIES:
         raise ValueError(
             f"a dry run needs the real geometry: set model.geometry to one of {sorted(GEOMETRIES)} "
@@ -103,7 +103,7 @@ def abstract_inputs(rows: int, signature: ShapeSignature, patch_dim: int) -> Mod
     }
 
 
-def image_processor(config: ml_collections.ConfigDict, model: Qwen2VLConfig) -> ImageProcessorConfig:
+def image_processor(config: ml_collections.ConfigDict, model: ModelConfig) -> ImageProcessorConfig:
     """The image processor the training pipeline would use for `model`'s vision tower."""
     v = model.vision
     return ImageProcessorConfig(
@@ -112,7 +112,7 @@ def image_processor(config: ml_collections.ConfigDict, model: Qwen2VLConfig) -> 
     )
 
 
-def abstract_batch(config: ml_collections.ConfigDict, model: Qwen2VLConfig, mesh: Mesh) -> dict[str, Any]:
+def abstract_batch(config: ml_collections.ConfigDict, model: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     """The global batch the pipeline would feed, as sharded ShapeDtypeStructs: every query padded
     to `model.max_len` and every target to `model.target_max_len`, and (MMEB's worst case, which the fixed shapes pay every step) an image on
     every query and target, each in its own vision row of the largest image `max_pixels` allows."""
@@ -185,8 +185,8 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     geometry = model_config(c)
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
 
-    def build() -> Qwen2VL:
-        model = Qwen2VL(geometry, rngs=nnx.Rngs(c.seed))
+    def build() -> VisionLanguageModel:
+        model = build_model(geometry, nnx.Rngs(c.seed))
         add_adapters(model, c)
         return model
 
@@ -280,7 +280,7 @@ def _drawn(
 
 
 def _flops_report(
-    c: ml_collections.ConfigDict, geometry: Qwen2VLConfig, mesh: Mesh, step: CompiledStep, profile: Profile | None,
+    c: ml_collections.ConfigDict, geometry: ModelConfig, mesh: Mesh, step: CompiledStep, profile: Profile | None,
     budget: PackBudget | None, drawn: list[tuple[LengthBatch, np.ndarray | None]],
 ) -> dict[str, Any]:
     """`flops_executed` (and with a profile `flops_useful`, their ratio, per-subset figures and the

@@ -33,8 +33,8 @@ from vlm2vec_jax.evaluation.summary import summarize
 from vlm2vec_jax.models.lora import has_lora, lora_config_of, merge_lora
 from vlm2vec_jax.models.model_dir import EXPORT_DIR
 from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_peft_adapter
-from vlm2vec_jax.models.qwen2_vl.hf_export import save_pretrained
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.hf_export import save_pretrained
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.processing.image import ImageProcessorConfig
 from vlm2vec_jax.processing.text import TextProcessor
 from vlm2vec_jax.training import data_setup
@@ -312,7 +312,7 @@ class Trainer:
         meta = {"data_position": step, "bad_data": self.report.metrics(), "config": self.config.to_dict()}
         self.checkpointer.save(step, self.state, meta)
 
-    def current_model(self) -> Qwen2VL:
+    def current_model(self) -> VisionLanguageModel:
         """The model with the current weights, gathered onto every host (for eval and export)."""
         gather = lambda x: x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)  # noqa: E731
         params, frozen = jax.tree.map(gather, (self.state.params, self.frozen))

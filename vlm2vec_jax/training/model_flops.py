@@ -13,9 +13,11 @@ dropout multiplies the dropped input by the base kernel again (else 1):
 
     forward  F(T) = L T (b W + R + 2 T h)           attention: the T x T scores and their product with V
     backward B(T) = L T (b W + 2 R + 4 T h)         activations only: the frozen kernels get no gradient
-    vision   V(P) = P p d + D (P (4 d^2 + 2 d m) + 2 P^2 d) + (P / u) (d u)^2 + (P / u) d u h
+    vision   V(P) = P p d + D P (4 d^2 + k d m) + 2 P A(P) d + (P / u) (d u)^2 + (P / u) d u h
 
-(p = patch_dim, d = vision width, m = its MLP width, D = its depth, u = merge units.) A step runs the
+(p = patch_dim, d = vision width, m = its MLP width with k matrices (2; Qwen2.5-VL's SwiGLU 3), D
+its depth, A(P) the patches a patch attends to summed over the blocks (D P; Qwen2.5-VL's window
+blocks one window each), u = merge units.) A step runs the
 decoder forward `1 + caching + remat` times (GradCache's first pass, its second, the recompute) and
 backward once, the frozen vision tower once per GradCache pass and never backward:
 
@@ -32,21 +34,21 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vlm2vec_jax.models.backbones import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class FlopsModel:
     """The formula's settings for one training configuration (module docstring)."""
 
-    geometry: Qwen2VLConfig
+    geometry: ModelConfig
     rank: int
     base_passes: int = 2  # b: 2 for DoRA with dropout (the recipes), else 1
     caching: bool = True  # GradCache (train.gc_chunk_size > 0): a first forward without gradients
     remat: bool = True  # model.remat: the backward recomputes the forward
 
     @classmethod
-    def of(cls, config: ml_collections.ConfigDict, geometry: Qwen2VLConfig) -> FlopsModel:
+    def of(cls, config: ml_collections.ConfigDict, geometry: ModelConfig) -> FlopsModel:
         """The formula for `config`; ValueError naming the key where it does not apply (it counts
         adapters on a frozen decoder and a frozen vision tower, as the recipes train)."""
         t, lora = config.train, config.lora
@@ -80,7 +82,7 @@ class FlopsModel:
         d, u = v.embed_dim, v.merge_units
         p = np.asarray(patches, np.float64)
         merged = d * u
-        tower = p * v.patch_dim * d + v.depth * (p * (4 * d * d + 2 * d * v.mlp_dim) + 2 * p * p * d)
+        tower = p * v.patch_dim * d + v.depth * p * (4 * d * d + v.mlp_matrices * d * v.mlp_dim) + 2 * p * v.attended_patches(p) * d
         tower += p / u * (merged * merged + merged * h)
         return 2.0 * (1 + self.caching) * tower
 

@@ -16,20 +16,20 @@ import jax
 from flax import nnx
 
 from vlm2vec_jax.models.peft_adapter import base_dir, is_adapter_dir, load_adapted, processor_dir
-from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vlm2vec_jax.models.qwen2_vl.hf_import import load_pretrained
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import HUB_PREPROCESSOR_CONFIG, build_tiny_tokenizer, tiny_hf_config
+from vlm2vec_jax.models.backbones import build_model, read_config
+from vlm2vec_jax.models.hf_import import load_pretrained
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
+from vlm2vec_jax.models.model_dir_files import HUB_PREPROCESSOR_CONFIG, build_tiny_tokenizer, tiny_hf_config
 
 RANDOM = "random"
 ARCHITECTURE_KEYS = (
-    "text_hidden", "text_layers", "heads", "kv_heads", "intermediate",
+    "model_type", "text_hidden", "text_layers", "heads", "kv_heads", "intermediate",
     "vision_dim", "vision_depth", "vision_heads", "vocab_size",
 )
 
 
 def write_random_model_dir(
-    out: Path, architecture: Mapping[str, int], corpus: Iterable[str], *, min_pixels: int, max_pixels: int
+    out: Path, architecture: Mapping[str, Any], corpus: Iterable[str], *, min_pixels: int, max_pixels: int
 ) -> Path:
     """Tokenizer (BPE of `architecture['vocab_size']` learned on `corpus`), config.json and
     preprocessor_config.json in `out`; an existing complete directory is reused as it is."""
@@ -93,16 +93,16 @@ def init_model(
     attention: str = "auto",
     sharding_for: Callable[..., Any] | None = None,
     lora_dropout: float | None = None,
-) -> Qwen2VL:
+) -> VisionLanguageModel:
     """`init` == "random": a fresh model of `model_dir`'s config.json (seeded); else the weights of
     the Hugging Face directory `model_dir`, or, when `model_dir` is a PEFT adapter directory, its
     base's weights with the adapter applied as `LoRALinear` groups holding the file's values
     (`lora_dropout`, a training choice, replaces the file's)."""
     if init == RANDOM:
-        config = Qwen2VLConfig.from_pretrained_dir(
+        config = read_config(
             model_dir, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
         )
-        model = Qwen2VL(config, rngs=nnx.Rngs(seed))
+        model = build_model(config, nnx.Rngs(seed))
         scale_init_(model, seed)
         return model
     options = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, sharding_for=sharding_for)

@@ -13,7 +13,7 @@ from vlm2vec_jax.data.packing import PackBudget
 from vlm2vec_jax.data.pipeline import TrainBatchSource, vision_row_patches
 from vlm2vec_jax.data.profile import Profile
 from vlm2vec_jax.data.profile_budget import budget_from_profile
-from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
+from vlm2vec_jax.models.backbones import ModelConfig
 from vlm2vec_jax.processing.image import ImageProcessorConfig
 from vlm2vec_jax.training.model_flops import FlopsModel
 from vlm2vec_jax.training.sharding import batch_size_of
@@ -21,7 +21,7 @@ from vlm2vec_jax.training.step import num_chunks
 
 
 def packing_budget(
-    config: ml_collections.ConfigDict, source: TrainBatchSource, mesh: Mesh, geometry: Qwen2VLConfig,
+    config: ml_collections.ConfigDict, source: TrainBatchSource, mesh: Mesh, geometry: ModelConfig,
     profile: Profile | None = None,
 ) -> PackBudget:
     """The packed chunk shapes of a run: sized from `profile` where given (`data.profile`, what the
@@ -63,7 +63,7 @@ def packs(config: ml_collections.ConfigDict) -> bool:
 
 
 def profile_budget(
-    config: ml_collections.ConfigDict, geometry: Qwen2VLConfig, profile: Profile, image: ImageProcessorConfig, mesh: Mesh
+    config: ml_collections.ConfigDict, geometry: ModelConfig, profile: Profile, image: ImageProcessorConfig, mesh: Mesh
 ) -> PackBudget:
     """The packed chunk budget of `config` on `profile`: `budget_from_profile` for one device shard
     (rows weighed by the recipe's FLOPs formula), with the `train.pack_*` keys winning where set."""

@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from vlm2vec_jax.models.lora import LoRAConfig, LoRAParam, apply_lora, has_lora, merge_lora
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 
 MODES = ("lora", "full")
 
@@ -27,7 +27,7 @@ def trainable_filter(mode: str, freeze_vision: bool) -> nnx.filterlib.Filter:
     return nnx.All(nnx.Param, nnx.Not(vision)) if freeze_vision else nnx.Param
 
 
-def add_adapters(model: Qwen2VL, config: ml_collections.ConfigDict) -> None:
+def add_adapters(model: VisionLanguageModel, config: ml_collections.ConfigDict) -> None:
     """LoRA/DoRA adapters as `config.lora` says, in place, when `train.mode` is "lora". A model that
     came with adapters (`model.init` a PEFT adapter directory) keeps them for "lora" (the file, not
     `lora.*`, sets rank, alpha, targets and DoRA) and has them merged in for "full"."""
@@ -41,7 +41,7 @@ def add_adapters(model: Qwen2VL, config: ml_collections.ConfigDict) -> None:
         apply_lora(model, LoRAConfig(lora.rank, lora.alpha, lora.dropout, targets, lora.dora), nnx.Rngs(config.seed + 1))
 
 
-def split_for_training(model: Qwen2VL, mode: str, freeze_vision: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def split_for_training(model: VisionLanguageModel, mode: str, freeze_vision: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable parameters, frozen rest) as `train.mode` and `train.freeze_vision` say
     (`trainable_filter`); the trainable ones still in the model's dtype (`master_weights` casts them)."""
     return nnx.split(model, trainable_filter(mode, freeze_vision), ...)

@@ -29,7 +29,7 @@ from vlm2vec_jax.cli_config import parse_config
 from vlm2vec_jax.data import synthetic
 from vlm2vec_jax.data.profile import load_profile, profile_train_set, summary_table
 from vlm2vec_jax.data.synthetic_shapes import Shapes
-from vlm2vec_jax.models.qwen2_vl.model_dir_files import write_qwen2vl_processor_files
+from vlm2vec_jax.models.model_dir_files import write_qwen2vl_processor_files
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "mmeb_shape.json"

@@ -9,20 +9,15 @@ example `rms_norm_eps` is 1e-6 in the released checkpoints but 1e-5 as a class d
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 
 from vlm2vec_jax.models.attention import IMPLEMENTATIONS
 
-ARCHITECTURE = "Qwen2VLForConditionalGeneration"
-MODEL_TYPE = "qwen2_vl"
-
-
 class ConfigError(ValueError):
-    """A config.json that does not describe a Qwen2-VL model this port can run."""
+    """A config.json that does not describe a model this port can run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +52,14 @@ class VisionConfig:
     def merge_units(self) -> int:
         return self.spatial_merge_size**2
 
+    # The MLP's matrices of `embed_dim` x `mlp_dim` (fc1, fc2), for FLOP counts.
+    mlp_matrices: ClassVar[int] = 2
+
+    def attended_patches(self, patches: np.ndarray) -> np.ndarray:
+        """Patches each patch of an image of `patches` attends to, summed over the blocks (FLOP
+        counts): the whole image in every block."""
+        return self.depth * np.asarray(patches, np.float64)
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
@@ -84,6 +87,8 @@ class TextConfig:
 class Qwen2VLConfig:
     """Geometry, special token ids and run-time numerics (dtypes, rematerialisation, attention kernel)."""
 
+    MODEL_TYPE: ClassVar[str] = "qwen2_vl"
+    ARCHITECTURE: ClassVar[str] = "Qwen2VLForConditionalGeneration"  # the transformers class it equals
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     image_token_id: int = 151655
@@ -113,48 +118,19 @@ class Qwen2VLConfig:
         """Parse either config.json layout; `options` sets dtype, param_dtype, remat, attention."""
         architectures = raw.get("architectures") or []
         model_type = raw.get("model_type")
-        if model_type != MODEL_TYPE and ARCHITECTURE not in architectures:
+        if model_type != cls.MODEL_TYPE and cls.ARCHITECTURE not in architectures:
             raise ConfigError(
-                f"{source}: model_type={model_type!r}, architectures={architectures!r}; this port runs "
-                f"Qwen2-VL only (model_type {MODEL_TYPE!r}, {ARCHITECTURE}). Point it at a Qwen2-VL checkpoint."
+                f"{source}: model_type={model_type!r}, architectures={architectures!r} is not "
+                f"{cls.MODEL_TYPE!r} ({cls.ARCHITECTURE})"
             )
         text_raw = dict(raw)
         if isinstance(raw.get("text_config"), dict):
             text_raw.update(raw["text_config"])
-        rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
-        vision_raw = raw.get("vision_config") or {}
         try:
-            text = TextConfig(
-                vocab_size=int(text_raw["vocab_size"]),
-                hidden_size=int(text_raw["hidden_size"]),
-                num_layers=int(text_raw["num_hidden_layers"]),
-                num_heads=int(text_raw["num_attention_heads"]),
-                num_kv_heads=int(text_raw.get("num_key_value_heads") or text_raw["num_attention_heads"]),
-                intermediate_size=int(text_raw["intermediate_size"]),
-                rms_norm_eps=float(text_raw.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(rope.get("rope_theta", text_raw.get("rope_theta", 1_000_000.0))),
-                mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
-                hidden_act=str(text_raw.get("hidden_act", "silu")),
-                tie_word_embeddings=bool(
-                    raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))
-                ),
-            )
-            vision_rope = vision_raw.get("rope_parameters") or {}
-            vision = VisionConfig(
-                depth=int(vision_raw["depth"]),
-                embed_dim=int(vision_raw["embed_dim"]),
-                num_heads=int(vision_raw["num_heads"]),
-                mlp_ratio=float(vision_raw.get("mlp_ratio", 4)),
-                hidden_act=str(vision_raw.get("hidden_act", "quick_gelu")),
-                in_channels=int(vision_raw.get("in_channels", vision_raw.get("in_chans", 3))),
-                patch_size=int(vision_raw.get("patch_size", 14)),
-                temporal_patch_size=int(vision_raw.get("temporal_patch_size", 2)),
-                spatial_merge_size=int(vision_raw.get("spatial_merge_size", 2)),
-                out_hidden_size=int(vision_raw.get("hidden_size", text.hidden_size)),
-                rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
-            )
+            text = parse_text_config(text_raw, raw)
+            vision = cls.parse_vision_config(raw.get("vision_config") or {}, text)
         except KeyError as missing:
-            raise ConfigError(f"{source}: required key {missing} is missing from the Qwen2-VL config") from None
+            raise ConfigError(f"{source}: required key {missing} is missing from the {cls.ARCHITECTURE} config") from None
         config = cls(
             vision=vision,
             text=text,
@@ -168,15 +144,22 @@ class Qwen2VLConfig:
         return config
 
     @classmethod
-    def from_pretrained_dir(cls, path: str | Path, **options: Any) -> Qwen2VLConfig:
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise ConfigError(f"{file} not found: a Hugging Face model directory needs config.json")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{file} is not valid JSON ({err})") from None
-        return cls.from_hf_dict(raw, source=str(file), **options)
+    def small_vision(cls, dim: int, depth: int, heads: int, out_hidden_size: int) -> VisionConfig:
+        """A tower of the given size with this backbone's other choices, for tiny test and demo models."""
+        return VisionConfig(depth=depth, embed_dim=dim, num_heads=heads, out_hidden_size=out_hidden_size)
+
+    @classmethod
+    def parse_vision_config(cls, vision_raw: dict[str, Any], text: TextConfig) -> VisionConfig:
+        """The `vision_config` section (a KeyError names a required key that is missing)."""
+        return VisionConfig(
+            depth=int(vision_raw["depth"]),
+            embed_dim=int(vision_raw["embed_dim"]),
+            num_heads=int(vision_raw["num_heads"]),
+            mlp_ratio=float(vision_raw.get("mlp_ratio", 4)),
+            hidden_act=str(vision_raw.get("hidden_act", "quick_gelu")),
+            out_hidden_size=int(vision_raw.get("hidden_size", text.hidden_size)),
+            **patch_geometry(vision_raw),
+        )
 
     def validate(self, source: str = "config") -> None:
         """Reject geometries the kernels cannot run, with the reason."""
@@ -198,12 +181,12 @@ class Qwen2VLConfig:
             raise ConfigError(f"{source}: " + "; ".join(problems))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The transformers 5.x layout, loadable by `Qwen2VLForConditionalGeneration.from_pretrained`."""
-        t, v = self.text, self.vision
+        """The transformers 5.x layout, loadable by `ARCHITECTURE.from_pretrained`."""
+        t = self.text
         rope = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)}
         return {
-            "architectures": [ARCHITECTURE],
-            "model_type": MODEL_TYPE,
+            "architectures": [self.ARCHITECTURE],
+            "model_type": self.MODEL_TYPE,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
@@ -211,7 +194,7 @@ class Qwen2VLConfig:
             "tie_word_embeddings": t.tie_word_embeddings,
             "dtype": self.param_dtype,
             "text_config": {
-                "model_type": "qwen2_vl_text",
+                "model_type": f"{self.MODEL_TYPE}_text",
                 "vocab_size": t.vocab_size,
                 "hidden_size": t.hidden_size,
                 "num_hidden_layers": t.num_layers,
@@ -224,19 +207,58 @@ class Qwen2VLConfig:
                 "tie_word_embeddings": t.tie_word_embeddings,
                 "dtype": self.param_dtype,
             },
-            "vision_config": {
-                "model_type": "qwen2_vl_vision",
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "num_heads": v.num_heads,
-                "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                "hidden_act": v.hidden_act,
-                "in_channels": v.in_channels,
-                "patch_size": v.patch_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "hidden_size": v.out_hidden_size,
-                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-                "dtype": self.param_dtype,
-            },
+            "vision_config": {"model_type": f"{self.MODEL_TYPE}_vision", **self.vision_hf_dict(), "dtype": self.param_dtype},
         }
+
+    def vision_hf_dict(self) -> dict[str, Any]:
+        """The `vision_config` section in the spelling transformers reads."""
+        v = self.vision
+        return {
+            "depth": v.depth,
+            "embed_dim": v.embed_dim,
+            "num_heads": v.num_heads,
+            "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
+            "hidden_act": v.hidden_act,
+            "hidden_size": v.out_hidden_size,
+            **patch_geometry_hf_dict(v),
+        }
+
+
+def parse_text_config(text_raw: dict[str, Any], raw: dict[str, Any]) -> TextConfig:
+    """The Qwen2 decoder from the merged top-level + `text_config` keys (either layout)."""
+    rope = text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {}
+    return TextConfig(
+        vocab_size=int(text_raw["vocab_size"]),
+        hidden_size=int(text_raw["hidden_size"]),
+        num_layers=int(text_raw["num_hidden_layers"]),
+        num_heads=int(text_raw["num_attention_heads"]),
+        num_kv_heads=int(text_raw.get("num_key_value_heads") or text_raw["num_attention_heads"]),
+        intermediate_size=int(text_raw["intermediate_size"]),
+        rms_norm_eps=float(text_raw.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(rope.get("rope_theta", text_raw.get("rope_theta", 1_000_000.0))),
+        mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
+        hidden_act=str(text_raw.get("hidden_act", "silu")),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))),
+    )
+
+
+def patch_geometry(vision_raw: dict[str, Any]) -> dict[str, Any]:
+    """The patch and rotary keys every Qwen vision tower spells alike."""
+    rope = vision_raw.get("rope_parameters") or {}
+    return dict(
+        in_channels=int(vision_raw.get("in_channels", vision_raw.get("in_chans", 3))),
+        patch_size=int(vision_raw.get("patch_size", 14)),
+        temporal_patch_size=int(vision_raw.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(vision_raw.get("spatial_merge_size", 2)),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+    )
+
+
+def patch_geometry_hf_dict(v: VisionConfig) -> dict[str, Any]:
+    return {
+        "in_channels": v.in_channels,
+        "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+    }

@@ -60,15 +60,19 @@ def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs:
     return create(rngs)
 
 
-def scan_stack(stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool) -> jnp.ndarray:
-    """Run x through the stacked layers with `lax.scan`; `remat` recomputes each layer's activations
-    in the backward pass instead of storing them (memory for compute)."""
+def scan_stack(stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, per_layer: Any = None) -> jnp.ndarray:
+    """Run x through the stacked layers with `lax.scan`: layer i gets `(x, *args)`, and its slice
+    of `per_layer` (arrays with a leading layer axis) as a last argument when that is given;
+    `remat` recomputes each layer's activations in the backward pass instead of storing them
+    (memory for compute)."""
     graphdef, state = nnx.split(stack)
 
-    def body(carry: jnp.ndarray, layer_state: nnx.State) -> tuple[jnp.ndarray, None]:
-        return nnx.merge(graphdef, layer_state)(carry, *args), None
+    def body(carry: jnp.ndarray, xs: tuple[nnx.State, Any]) -> tuple[jnp.ndarray, None]:
+        layer_state, extra = xs
+        layer = nnx.merge(graphdef, layer_state)
+        return (layer(carry, *args) if per_layer is None else layer(carry, *args, extra)), None
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, state)
+    x, _ = jax.lax.scan(body, x, (state, per_layer))
     return x

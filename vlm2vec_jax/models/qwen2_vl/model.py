@@ -1,61 +1,12 @@
-"""The joint Qwen2-VL model: vision tower -> merged image tokens scattered over `<|image_pad|>`
-embeddings -> decoder -> (optionally) pooled, normalised embedding.
+"""Qwen2-VL: its ViT tower (`vision.py`) and the Qwen2 decoder (`text.py`)."""
 
-Inputs follow `vlm2vec_jax.batch.ModelInputs`; every layout decision was made on the host.
-"""
-
-from collections.abc import Mapping
-
-import jax.numpy as jnp
-from flax import nnx
-
-from vlm2vec_jax.models.pooling import l2_normalize, last_token_index, last_token_pool
-from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
 from vlm2vec_jax.models.qwen2_vl.text import TextDecoder
 from vlm2vec_jax.models.qwen2_vl.vision import VisionTower
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 
 
-class Qwen2VL(nnx.Module):
-    """Qwen2-VL without the LM head: what an embedding model needs."""
+class Qwen2VL(VisionLanguageModel):
+    """transformers' `Qwen2VLModel` (the LM head left out)."""
 
-    def __init__(self, config: Qwen2VLConfig, *, rngs: nnx.Rngs):
-        dims = dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype, remat=config.remat, rngs=rngs)
-        dims["attention"] = config.attention
-        self.visual = VisionTower(config.vision, **dims)
-        self.language_model = TextDecoder(config.text, **dims)
-        self.config = config
-
-    def input_embeddings(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """Token embeddings with each image_pad replaced by its merged vision token."""
-        embeds = self.language_model.embed_tokens(batch["input_ids"])
-        pixel_values = batch.get("pixel_values")
-        if pixel_values is None or pixel_values.shape[0] == 0:  # static: text-only batch
-            return embeds
-        image_tokens = self.visual(pixel_values, batch["patch_positions"], batch["patch_segment_ids"])
-        index = batch["image_token_index"]
-        gathered = jnp.take(image_tokens, jnp.maximum(index, 0), axis=0).astype(embeds.dtype)
-        return jnp.where((index >= 0)[..., None], gathered, embeds)
-
-    def hidden_states(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """Final-layer hidden states (B, L, D) in the compute dtype."""
-        embeds = self.input_embeddings(batch)
-        return self.language_model(embeds, batch["attention_mask"], batch["position_ids"])
-
-    def __call__(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """Unit-norm float32 embeddings of the final layer (the training path): (B, D) from each
-        row's last real token, or, for packed rows, (S, D) from the tokens `pool_index` (S,) names
-        (flat indices into the B * L tokens: each sequence's last token)."""
-        hidden = self.hidden_states(batch)
-        if "pool_index" in batch:
-            return l2_normalize(jnp.take(hidden.reshape(-1, hidden.shape[-1]), batch["pool_index"], axis=0))
-        return l2_normalize(last_token_pool(hidden, batch["attention_mask"]))
-
-    def embed(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """The same embeddings for inference, with the last layer computed for the pooled tokens
-        only: (B, D) from each row's last real token, or, for packed inference rows
-        (`processing.packed_batching`), (B * Q, D) from the columns `pool_positions` (B, Q) names
-        in each row (row-major: vector b * Q + j is row b's j-th segment)."""
-        mask = batch["attention_mask"]
-        query_index = batch["pool_positions"] if "pool_positions" in batch else last_token_index(mask)[:, None]
-        states = self.language_model.pooled_states(self.input_embeddings(batch), mask, batch["position_ids"], query_index)
-        return l2_normalize(states.reshape(-1, states.shape[-1]))
+    vision_tower = VisionTower
+    decoder = TextDecoder

@@ -4,6 +4,9 @@ Input is packed: V rows of R patches, several whole images per row told apart by
 attention is block-diagonal per image without any per-image Python loop.
 """
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -17,6 +20,17 @@ LAYER_NORM_EPS = 1e-6
 
 def layer_norm(dim: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def self_attention(
+    qkv: nnx.Linear, proj: nnx.Linear, num_heads: int, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray
+) -> jnp.ndarray:
+    """Fused-qkv attention over packed patches (V, R, D) with the 2-D rope, then the output projection."""
+    rows, length, dim = x.shape
+    qkv_out = qkv(x).reshape(rows, length, 3, num_heads, dim // num_heads)
+    q = apply_rotary(qkv_out[:, :, 0], cos, sin)
+    k = apply_rotary(qkv_out[:, :, 1], cos, sin)
+    return proj(attention(q, k, qkv_out[:, :, 2], mask).reshape(rows, length, dim))
 
 
 class VisionBlock(nnx.Module):
@@ -34,23 +48,21 @@ class VisionBlock(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-        rows, length, dim = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(rows, length, 3, self.num_heads, dim // self.num_heads)
-        q = apply_rotary(qkv[:, :, 0], cos, sin)
-        k = apply_rotary(qkv[:, :, 1], cos, sin)
-        out = attention(q, k, qkv[:, :, 2], mask).reshape(rows, length, dim)
-        x = x + self.proj(out)
+        x = x + self_attention(self.qkv, self.proj, self.num_heads, self.norm1(x), mask, cos, sin)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-class PatchMerger(nnx.Module):
-    """LayerNorm, then each 2x2 block of consecutive patches (block-major order) becomes one token
-    of the text width through a GELU MLP."""
+Norm = Callable[..., nnx.Module]  # (dim, *, dtype, param_dtype, rngs) -> a normalisation layer
 
-    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+
+class PatchMerger(nnx.Module):
+    """A norm (`norm`: LayerNorm here), then each 2x2 block of consecutive patches (block-major
+    order) becomes one token of the text width through a GELU MLP."""
+
+    def __init__(self, cfg: VisionConfig, *, norm: Norm, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         merged = cfg.embed_dim * cfg.merge_units
-        self.ln_q = layer_norm(cfg.embed_dim, **dims)
+        self.ln_q = norm(cfg.embed_dim, **dims)
         self.fc1 = linear(merged, merged, bias=True, **dims)
         self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **dims)
         self.merge_units = cfg.merge_units
@@ -62,7 +74,11 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """Patches (V, R, patch_dim) -> merged image tokens (V * R / 4, text hidden)."""
+    """Patches (V, R, patch_dim) -> merged image tokens (V * R / 4, text hidden). A subclass may
+    change the block, the merger's norm and how the blocks run (`run_blocks`)."""
+
+    block: ClassVar[type[nnx.Module]] = VisionBlock
+    merger_norm: ClassVar[Norm] = staticmethod(layer_norm)
 
     def __init__(
         self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, attention: str, rngs: nnx.Rngs
@@ -70,8 +86,8 @@ class VisionTower(nnx.Module):
         dims = dict(dtype=dtype, param_dtype=param_dtype)
         # Conv3d with kernel == stride over a flattened patch is exactly this matmul (no bias).
         self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, rngs=rngs, **dims)
-        self.blocks = create_stack(lambda r: VisionBlock(cfg, rngs=r, **dims), cfg.depth, rngs)
-        self.merger = PatchMerger(cfg, rngs=rngs, **dims)
+        self.blocks = create_stack(lambda r: self.block(cfg, rngs=r, **dims), cfg.depth, rngs)
+        self.merger = PatchMerger(cfg, norm=self.merger_norm, rngs=rngs, **dims)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
@@ -80,8 +96,12 @@ class VisionTower(nnx.Module):
     def __call__(self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
         x = self.patch_embed(pixel_values.astype(self.dtype))
         cos, sin = vision_rope(patch_positions, self.cfg.head_dim, self.cfg.rope_theta)
-        # Block-diagonal: a patch sees the patches of its own image.
-        mask = SegmentMask.build(segment_ids, causal=False, implementation=self.attention)
-        x = scan_stack(self.blocks, x, mask, cos, sin, remat=self.remat)
-        merged = self.merger(x)
+        merged = self.merger(self.run_blocks(x, patch_positions, segment_ids, cos, sin))
         return merged.reshape(-1, merged.shape[-1])
+
+    def run_blocks(
+        self, x: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
+    ) -> jnp.ndarray:
+        """Every block attends block-diagonally: a patch sees the patches of its own image."""
+        mask = SegmentMask.build(segment_ids, causal=False, implementation=self.attention)
+        return scan_stack(self.blocks, x, mask, cos, sin, remat=self.remat)

@@ -1,4 +1,4 @@
-"""Load a local Hugging Face Qwen2-VL directory into the Flax model, streamed tensor by tensor.
+"""Load a local Hugging Face model directory (any backbone of `models/backbones.py`) into the Flax model, streamed tensor by tensor.
 
 The model is built abstractly (no memory), each checkpoint tensor is memory-mapped, converted to the
 parameter dtype and written straight into its slot of the stacked leaf, and a finished leaf goes to
@@ -15,10 +15,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vlm2vec_jax.models.qwen2_vl.checkpoint_keys import IGNORED_KEYS, Path as LeafPath, TensorRule, canonical_key, checkpoint_rules
-from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
-from vlm2vec_jax.models.qwen2_vl.safetensors_files import CheckpointError, checkpoint_files, iter_tensors
+from vlm2vec_jax.models.backbones import ModelConfig, backbone_of, checkpoint_rules, read_config
+from vlm2vec_jax.models.safetensors_files import CheckpointError, checkpoint_files, iter_tensors
+from vlm2vec_jax.models.tensor_rules import IGNORED_KEYS, Path as LeafPath, TensorRule, canonical_key
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 
 ShardingFor = Callable[[LeafPath], jax.sharding.Sharding | None]
 # XLA's CPU client aliases (instead of copying) host arrays aligned to this many bytes.
@@ -63,7 +63,7 @@ def _assign(target: np.ndarray, value: np.ndarray) -> None:
             target[i : i + _TILE, j : j + _TILE] = value[i : i + _TILE, j : j + _TILE]
 
 
-def _read_into_buffers(directory: Path, config: Qwen2VLConfig, leaf_shapes: Mapping[LeafPath, tuple[int, ...]]) -> dict[LeafPath, np.ndarray]:
+def _read_into_buffers(directory: Path, config: ModelConfig, leaf_shapes: Mapping[LeafPath, tuple[int, ...]]) -> dict[LeafPath, np.ndarray]:
     """Fill one host buffer per leaf from the checkpoint, checking every name and shape."""
     sources: dict[str, tuple[TensorRule, tuple[int, ...], int | None, int]] = {
         key: (rule, shape, layer, part) for rule in checkpoint_rules(config) for key, shape, layer, part in rule.hf_keys()
@@ -96,7 +96,7 @@ def _read_into_buffers(directory: Path, config: Qwen2VLConfig, leaf_shapes: Mapp
             seen.add(key)
     if unexpected:
         raise CheckpointError(
-            f"{directory}: tensors that are not part of Qwen2-VL: {_show(unexpected)}; "
+            f"{directory}: tensors that are not part of {config.ARCHITECTURE}: {_show(unexpected)}; "
             "is this a checkpoint of another architecture?"
         )
     missing = sorted(set(sources) - seen)
@@ -113,16 +113,16 @@ def load_pretrained(
     remat: bool = False,
     attention: str = "auto",
     sharding_for: ShardingFor | None = None,
-) -> Qwen2VL:
-    """A Qwen2VL with the directory's weights. `param_dtype` (default: `dtype`) is the storage
+) -> VisionLanguageModel:
+    """The directory's backbone (its config.json's model_type) with the directory's weights. `param_dtype` (default: `dtype`) is the storage
     dtype the tensors are converted to while loading, `attention` the kernel (`models/attention.py`);
     `sharding_for(path)` may place each leaf
     (e.g. sharded over a mesh, on one host or many); by default leaves go to the default device."""
     directory = Path(directory)
-    config = Qwen2VLConfig.from_pretrained_dir(
+    config = read_config(
         directory, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat, attention=attention
     )
-    abstract = nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: backbone_of(config).model(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     leaf_shapes = {tuple(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(abstract_state)}
     buffers = _read_into_buffers(directory, config, leaf_shapes)

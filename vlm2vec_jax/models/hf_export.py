@@ -1,4 +1,4 @@
-"""Write the Flax model back as a Hugging Face Qwen2-VL directory (hub key layout, safetensors),
+"""Write the Flax model back as a Hugging Face model directory of its backbone (hub key layout, safetensors),
 so transformers and `Embedder.from_pretrained` load it as they load the original."""
 
 import itertools
@@ -12,9 +12,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vlm2vec_jax.models.qwen2_vl.checkpoint_keys import checkpoint_rules
-from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
-from vlm2vec_jax.models.qwen2_vl.safetensors_files import checkpoint_files, iter_tensors, write_checkpoint_files
+from vlm2vec_jax.models.backbones import checkpoint_rules
+from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
+from vlm2vec_jax.models.safetensors_files import checkpoint_files, iter_tensors, write_checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ SIDECAR_FILES = (
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def _hf_tensors(model: Qwen2VL) -> Iterator[tuple[str, np.ndarray]]:
+def _hf_tensors(model: VisionLanguageModel) -> Iterator[tuple[str, np.ndarray]]:
     """Every HF tensor of the model, split out of our (fused, stacked, transposed) leaves, one
     leaf on the host at a time."""
     state = nnx.state(model, nnx.Param)
@@ -52,7 +52,7 @@ def _source_lm_head(source_dir: Path | None) -> np.ndarray | None:
     return None
 
 
-def save_pretrained(model: Qwen2VL, out_dir: str | Path, *, source_dir: str | Path | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save_pretrained(model: VisionLanguageModel, out_dir: str | Path, *, source_dir: str | Path | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write config.json, safetensors (sharded above `shard_bytes`, with an index) and the source
     directory's tokenizer and preprocessor files. An untied LM head is copied from `source_dir`;
     without one the export is marked tied (the head is unused for embeddings). Tensors are

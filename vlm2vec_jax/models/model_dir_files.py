@@ -23,6 +23,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from vlm2vec_jax.models.backbones import backbone_for
+
 # Qwen2-VL's special tokens, in Qwen's id order. `<|image_N|>` is not among them on purpose.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -174,9 +176,10 @@ def tiny_hf_config(
     vision_depth: int,
     vision_heads: int,
     tie_word_embeddings: bool = True,
+    model_type: str = "qwen2_vl",
 ) -> dict:
-    """A Qwen2-VL config.json (as a dict) for the tokenizer in `tokenizer_dir`: its special-token
-    ids, and its vocabulary padded to a multiple of 64."""
+    """A config.json (as a dict) of the backbone `model_type` for the tokenizer in `tokenizer_dir`:
+    its special-token ids, and its vocabulary padded to a multiple of 64."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
@@ -184,9 +187,11 @@ def tiny_hf_config(
     vocab_size = -(-tokenizer.get_vocab_size() // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
     if text_hidden % heads or heads % kv_heads:
         raise ValueError("text_hidden must divide by heads and heads by kv_heads")
+    backbone = backbone_for(model_type)
+    vision = backbone.config.small_vision(vision_dim, vision_depth, vision_heads, text_hidden)
     return {
-        "model_type": "qwen2_vl",
-        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": backbone.model_type,
+        "architectures": [backbone.architecture],
         "text_config": {
             "vocab_size": vocab_size,
             "hidden_size": text_hidden,
@@ -206,13 +211,7 @@ def tiny_hf_config(
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
-        "vision_config": {
-            "depth": vision_depth,
-            "embed_dim": vision_dim,
-            "hidden_size": text_hidden,  # the merger projects into the text stream
-            "num_heads": vision_heads,
-            "mlp_ratio": 4,
-        },
+        "vision_config": backbone.config(vision=vision).vision_hf_dict(),
         # Top level too: transformers' Qwen2VLConfig otherwise fills in the real Qwen vocabulary's ids.
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],

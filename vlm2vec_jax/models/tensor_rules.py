@@ -1,0 +1,71 @@
+"""Where each parameter of a Flax backbone lives in a Hugging Face checkpoint: the rule type and
+the helpers every backbone's table is written with.
+
+One table per backbone serves import and export. A rule names a leaf of our state, the HF
+tensor(s) it is made of (fused leaves such as qkv_proj concatenate several HF tensors along their
+output axis) and the HF shape of each, so a misshaped tensor is caught by name. Kernels are stored
+(in, out) here and (out, in) in HF; a patch embedding's Conv3d weight flattens to a
+(patch_dim, embed) kernel.
+"""
+
+import dataclasses
+import re
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """One leaf of our state and its HF source tensors (`{i}` = layer index for stacked leaves)."""
+
+    path: Path
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+    is_kernel: bool
+    layers: int | None = None
+
+    def hf_keys(self) -> list[tuple[str, tuple[int, ...], int | None, int]]:
+        """(HF key, HF shape, layer index or None, part number) for every source tensor."""
+        layer_ids = range(self.layers) if self.layers is not None else [None]
+        return [
+            (template.format(i=i), shape, i, part)
+            for i in layer_ids
+            for part, (template, shape) in enumerate(self.parts)
+        ]
+
+    def part_width(self, part: int) -> int:
+        """Size of a part along our leaf's last axis (the output axis)."""
+        return self.parts[part][1][0]
+
+    def part_offset(self, part: int) -> int:
+        return sum(self.part_width(p) for p in range(part))
+
+
+def linear_rules(path: Path, prefix: str, names: list[tuple[str, int]], fan_in: int, bias: bool, layers: int | None) -> list[TensorRule]:
+    kernel = TensorRule(path + ("kernel",), tuple((f"{prefix}{n}.weight", (out, fan_in)) for n, out in names), True, layers)
+    if not bias:
+        return [kernel]
+    biases = TensorRule(path + ("bias",), tuple((f"{prefix}{n}.bias", (out,)) for n, out in names), False, layers)
+    return [kernel, biases]
+
+
+def vector_rule(path: Path, key: str, dim: int, layers: int | None = None) -> TensorRule:
+    return TensorRule(path, ((key, (dim,)),), False, layers)
+
+
+def layer_norm_rules(path: Path, prefix: str, dim: int, layers: int | None = None) -> list[TensorRule]:
+    return [vector_rule(path + ("scale",), f"{prefix}.weight", dim, layers), vector_rule(path + ("bias",), f"{prefix}.bias", dim, layers)]
+
+
+# transformers 5.x names modules `model.visual.*` / `model.language_model.*` in memory (and some
+# tools save that way); the hub files use `visual.*` / `model.*`. Both map to the hub layout.
+_IN_MEMORY_PREFIXES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
+# Tensors an embedding model does not use: the LM head and stale rotary buffers of old exports.
+IGNORED_KEYS = re.compile(r"^lm_head\.|\.rotary_emb\.inv_freq$")
+
+
+def canonical_key(key: str) -> str:
+    """The hub-layout name of a checkpoint key written in either layout."""
+    for pattern, replacement in _IN_MEMORY_PREFIXES:
+        if pattern.match(key):
+            return pattern.sub(replacement, key, count=1)
+    return key
