@@ -14,9 +14,9 @@ def base() -> ml_collections.ConfigDict:
     c.dry_run = False  # compile the training step only, on `topology.devices` simulated CPU devices, from abstract shapes (no weights, no data): print per-device memory, FLOPs per step and the projected step time, write workdir/dry_run.json
 
     c.model = ml_collections.ConfigDict()
-    c.model.init = "random"  # "random" (architecture below), a Hugging Face directory of a supported backbone (its config.json's model_type: qwen2_vl, qwen2_5_vl), or a PEFT LoRA/DoRA adapter directory (its base from base_model_name_or_path; train.mode=lora trains its adapters, which then set rank, alpha, targets and DoRA instead of lora.*; train.mode=full starts from the merged weights)
-    c.model.geometry = ""  # dry runs without model.init: "2b" or "7b", the real Qwen2-VL geometry (a Hugging Face model.init gives its config.json instead)
-    c.model.architecture = ml_collections.ConfigDict(  # only for init="random"; model_type: the backbone (qwen2_vl, qwen2_5_vl)
+    c.model.init = "random"  # "random" (architecture below), a Hugging Face directory of a supported backbone (its config.json's model_type: qwen2_vl, qwen2_5_vl, qwen3_vl), or a PEFT LoRA/DoRA adapter directory (its base from base_model_name_or_path; train.mode=lora trains its adapters, which then set rank, alpha, targets and DoRA instead of lora.*; train.mode=full starts from the merged weights)
+    c.model.geometry = ""  # dry runs without model.init, a real geometry: "2b" or "7b" (Qwen2-VL), "qwen3vl-2b" or "qwen3vl-8b" (a Hugging Face model.init gives its config.json instead)
+    c.model.architecture = ml_collections.ConfigDict(  # only for init="random"; model_type: the backbone (qwen2_vl, qwen2_5_vl, qwen3_vl)
         dict(model_type="qwen2_vl", text_hidden=128, text_layers=2, heads=4, kv_heads=2, intermediate=512,
              vision_dim=64, vision_depth=2, vision_heads=2, vocab_size=1024)
     )
@@ -45,6 +45,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.gc_chunk_size = 0  # GradCache queries per device per chunk; 0 = no caching
     c.train.hard_negatives = 0  # explicit / mined hard-negative targets per query
     c.train.temperature = 0.02
+    c.train.matryoshka_dims = ""  # e.g. "64,128,256,512,1024": InfoNCE on these renormalised prefixes of the vectors is added to the full width's (Matryoshka; Qwen3-VL-Embedding-2B serves 64..2048), so `Embedder.encode(..., dim=k)` stays accurate
     c.train.mask_duplicate_targets = False  # in-batch copies of a query's positive (a repeated label or answer) are not its negatives; VLM2Vec counts them as negatives
     c.train.learning_rate = 2e-5
     c.train.warmup_steps = 100

@@ -37,7 +37,15 @@ def tiny_ckpt_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), max_pixels=56 * 56 * 16, model_type="qwen2_5_vl")
 
 
-@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="session")
+def tiny_ckpt_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-VL: 16-px patches, a 4 x 4 learned position grid, DeepStack from both vision
+    blocks into both decoder layers, heads twice as wide as hidden / heads
+    (`Qwen3VLConfig.small_vision`, `small_text`), images up to 64 patches."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen3_vl"), max_pixels=64 * 64 * 16, model_type="qwen3_vl")
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def backbone_ckpt(request: pytest.FixtureRequest) -> Path:
     """The tiny checkpoint of each backbone in turn."""
     return request.getfixturevalue("tiny_ckpt" if request.param == "qwen2_vl" else f"tiny_ckpt_{request.param}")

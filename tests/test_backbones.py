@@ -34,7 +34,10 @@ CASES = [
     ({"image": IMG_A, "text": "Represent the given image."}, "<|image_pad|>\nRepresent the given image.", [IMG_A]),
     ({"image": [IMG_A, IMG_B], "text": "Compare <|image_pad|> with <|image_pad|>."}, "Compare <|image_pad|> with <|image_pad|>.", [IMG_A, IMG_B]),
 ]
-NEWER = ["qwen2_5_vl"]
+NEWER = ["qwen2_5_vl", "qwen3_vl"]
+# Qwen3-VL-Embedding trains Matryoshka prefixes: its run adds two (the tiny model is 32 wide), so
+# the loss (tests/test_training_gradcache.py checks its value) runs in the sharded GradCache step.
+MATRYOSHKA = {"qwen3_vl": "8,16"}
 
 
 @pytest.fixture(scope="module", params=NEWER)
@@ -109,7 +112,8 @@ def test_export_loads_in_its_transformers_class_with_the_same_tensors(checkpoint
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Per newer backbone, a random-init run (`model.architecture.model_type`) of 3 steps on 8
-    simulated devices with GradCache (packed chunks of 1 query), exported at the end; all at once."""
+    simulated devices with GradCache (packed chunks of 1 query; Matryoshka prefixes for Qwen3-VL),
+    exported at the end; all at once."""
     shared = shared_dirs(tmp_path_factory)
     root = tmp_path_factory.mktemp("backbone_runs")
     started = {}
@@ -117,7 +121,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         workdir, log = root / model_type, root / f"{model_type}.log"
         command = train_command(
             workdir, shared, model__architecture__model_type=model_type, train__gc_chunk_size=1, train__steps=3,
-            checkpoint__every=0, export__at_end=True,
+            checkpoint__every=0, export__at_end=True, train__matryoshka_dims=MATRYOSHKA.get(model_type, ""),
         )
         started[model_type] = (workdir, start(command, environment(shared, devices=8), log), log)
     for model_type, (workdir, process, log) in started.items():

@@ -21,7 +21,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 from transformers.vision_utils import get_vision_position_ids
 
-from vlm2vec_jax.models.model_dir_files import HUB_PREPROCESSOR_CONFIG
+from vlm2vec_jax.models.backbones import BACKBONES
+from vlm2vec_jax.models.model_dir_files import HUB_PREPROCESSOR_CONFIG, image_processor_settings
 from vlm2vec_jax.processing.image import (
     ImageError,
     ImageProcessorConfig,
@@ -59,6 +60,19 @@ def assert_matches(ours: ProcessedImage, ref: tuple[np.ndarray, tuple[int, ...]]
 def test_matches_transformers(h: int, w: int) -> None:
     img = Image.fromarray(noise(h, w, seed=h * 7919 + w))
     assert_matches(process_image(img), hf_process(img))
+
+
+@pytest.mark.parametrize("model_type", sorted(BACKBONES))
+@pytest.mark.parametrize("h,w", [(100, 333), (480, 640), (37, 1000)])
+def test_each_backbones_processor_matches_transformers(tmp_path: Path, model_type: str, h: int, w: int) -> None:
+    """The settings a backbone's released models carry (Qwen3-VL: 16-px patches, a 32-px resize
+    factor, mean and std 0.5), written by transformers' processor and read back by ours."""
+    Qwen2VLImageProcessorPil(**image_processor_settings(model_type)).save_pretrained(tmp_path)
+    config = ImageProcessorConfig.from_pretrained_dir(tmp_path)
+    img = Image.fromarray(noise(h, w, seed=h + 3 * w))
+    ours = process_image(img, config)
+    assert_matches(ours, hf_process(img, **image_processor_settings(model_type)))
+    assert ours.patches.shape[1] == 3 * 2 * image_processor_settings(model_type)["patch_size"] ** 2
 
 
 @pytest.mark.parametrize("h,w", [(10, 20), (27, 100), (100, 27), (1, 1), (27, 27)])

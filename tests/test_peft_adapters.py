@@ -149,25 +149,29 @@ def test_our_dora_loads_in_peft_with_equal_embeddings_and_round_trips_exactly(ti
     np.testing.assert_array_equal(embed(back, batch), ours)
 
 
-def test_adapter_on_qwen2_5_vl_loads_in_peft_on_its_own_class(tiny_ckpt_qwen2_5_vl, tmp_path):
-    """The adapter file names the backbone it was trained on: PEFT maps it onto
-    `Qwen2_5_VLForConditionalGeneration`, adapts exactly the modules we did (`load_in_peft`) and
-    computes our embeddings; we read it back unchanged."""
-    batch = HFReference(str(tiny_ckpt_qwen2_5_vl)).build(SEQUENCES[:4], IMAGES)
-    model = nnx.merge(*perturbed_dora(tiny_ckpt_qwen2_5_vl))
+@pytest.mark.parametrize(
+    "model_type, architecture, targets_as",
+    [("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", str), ("qwen3_vl", "Qwen3VLForConditionalGeneration", list)],
+)
+def test_adapter_on_a_newer_backbone_loads_in_peft_on_its_own_class(request, tmp_path, model_type, architecture, targets_as):
+    """The adapter file names the backbone it was trained on: PEFT maps it onto that class,
+    adapts exactly the modules we did (`load_in_peft`) and computes our embeddings; we read it
+    back unchanged. Qwen2.5-VL's vision MLP has gate/up/down_proj too, so there a plain list of
+    targets would have PEFT adapt those as well: its targets are a language-model regex."""
+    ckpt = request.getfixturevalue(f"tiny_ckpt_{model_type}")
+    batch = HFReference(str(ckpt)).build(SEQUENCES[:4], IMAGES)
+    model = nnx.merge(*perturbed_dora(ckpt))
     ours = embed(model, batch)
-    assert_moved(ours, embed(load_pretrained(tiny_ckpt_qwen2_5_vl), batch))
-    out = write_peft_adapter(model, tmp_path / "adapter", base=tiny_ckpt_qwen2_5_vl)
+    assert_moved(ours, embed(load_pretrained(ckpt), batch))
+    out = write_peft_adapter(model, tmp_path / "adapter", base=ckpt)
     written = json.loads((out / ADAPTER_CONFIG).read_text())
     assert written["auto_mapping"] == {
-        "base_model_class": "Qwen2_5_VLForConditionalGeneration",
-        "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+        "base_model_class": architecture, "parent_library": f"transformers.models.{model_type}.modeling_{model_type}",
     }
-    # its vision MLP has gate/up/down_proj too: a plain list would have PEFT adapt those as well
-    assert isinstance(written["target_modules"], str) and "language_model" in written["target_modules"]
-    ref = load_in_peft(tiny_ckpt_qwen2_5_vl, out)
+    assert isinstance(written["target_modules"], targets_as)
+    ref = load_in_peft(ckpt, out)
     assert_close(peft_embeddings(ref, batch), ours, floor=0.2)
-    back = load_pretrained(tiny_ckpt_qwen2_5_vl)
+    back = load_pretrained(ckpt)
     apply_peft_adapter(back, read_peft_adapter(out))
     np.testing.assert_array_equal(embed(back, batch), ours)
 

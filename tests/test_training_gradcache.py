@@ -16,7 +16,7 @@ import pytest
 
 from hlo_collectives import assert_gradients_reduced_once_after_the_loops
 from training_runs import script_results
-from vlm2vec_jax.training.loss import infonce
+from vlm2vec_jax.training.loss import infonce, matryoshka_infonce, parse_matryoshka_dims
 
 # Chunk sizes (queries per device per chunk) over the 16-query batch: 0 = no caching, 1 = sixteen
 # one-row chunks, 4 = four strided chunks of four rows. Each costs a compilation of the step (~15 s
@@ -171,3 +171,22 @@ def test_duplicate_targets_are_not_negatives_of_the_query_they_copy() -> None:
     # Unique keys change nothing.
     unique_loss, _ = infonce(*args, jnp.arange(queries, dtype=jnp.int32))
     np.testing.assert_allclose(float(unique_loss), float(plain_loss), rtol=1e-6)
+
+
+def test_matryoshka_loss_adds_infonce_on_each_renormalised_prefix() -> None:
+    """Qwen3-VL-Embedding's Matryoshka training: the full width's InfoNCE plus each prefix's,
+    against the float64 reference on prefixes renormalised by hand; metrics stay the full width's."""
+    rng = np.random.default_rng(2)
+    q, t = _unit(rng.normal(size=(6, 32))), _unit(rng.normal(size=(12, 32)))
+    t[::2] = _unit(q + 0.5 * rng.normal(size=q.shape))
+    valid, target_valid = np.ones(6, bool), np.ones(12, bool)
+    args = (jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(valid), jnp.asarray(target_valid), 0.05)
+    loss, metrics = matryoshka_infonce(*args, dims=parse_matryoshka_dims("16, 4,8"))
+    expected = sum(_reference(_unit(q[:, :d]), _unit(t[:, :d]), valid, target_valid, 0.05)[0] for d in (4, 8, 16, 32))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(metrics["accuracy"]) == pytest.approx(_reference(q, t, valid, target_valid, 0.05)[1])
+    np.testing.assert_allclose(float(matryoshka_infonce(*args)[0]), float(infonce(*args)[0]), rtol=0)
+    with pytest.raises(ValueError, match="train.matryoshka_dims: 32 is not below the embedding width 32"):
+        matryoshka_infonce(*args, dims=(32,))
+    with pytest.raises(ValueError, match="train.matryoshka_dims='64,x': give comma-separated integers"):
+        parse_matryoshka_dims("64,x")

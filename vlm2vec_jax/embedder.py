@@ -28,15 +28,17 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vlm2vec_jax.models.lora import merge_lora
+from vlm2vec_jax.models.pooling import truncate_and_normalize
 from vlm2vec_jax.models.peft_adapter import is_adapter_dir, load_adapted, processor_dir
 from vlm2vec_jax.models.hf_export import save_pretrained
 from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.processing.batching import Batcher, BucketSpec, Example
-from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, process_image
+from vlm2vec_jax.processing.image import ImageProcessorConfig, ProcessedImage, patch_dim, process_image
 from vlm2vec_jax.processing.packed_batching import PackedBatcher
 from vlm2vec_jax.processing.rope_index import ROPE_RULES
-from vlm2vec_jax.processing.text import TextProcessor, with_image_placeholder
+from vlm2vec_jax.processing.prompt_formats import DEFAULT_INSTRUCTION, PROMPT_FORMATS, format_prompt
+from vlm2vec_jax.processing.text import TextProcessor
 
 Item = str | Mapping[str, Any]
 # Longest sequence when no max_len is given: Qwen2-VL's max_position_embeddings.
@@ -56,7 +58,7 @@ def embed_program(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, 
 
 
 class Embedder:
-    """Encodes items with a Qwen2-VL embedding model (last-token pooling, unit vectors)."""
+    """Encodes items with a Qwen-VL-family embedding model (last-token pooling, unit vectors)."""
 
     # Text rows of a packed batch are a multiple of this (a data-parallel mesh's device count).
     rows_multiple: int = 1
@@ -72,9 +74,15 @@ class Embedder:
         source_dir: str | Path | None = None,
         num_threads: int | None = None,
         packing: bool = True,
+        prompt_format: str = "raw",
+        instruction: str = DEFAULT_INSTRUCTION,
     ):
         if position_rule not in ROPE_RULES:
             raise ValueError(f"position_rule must be one of {ROPE_RULES}, got {position_rule!r}")
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        self.prompt_format = prompt_format
+        self.instruction = instruction
         self.model = model
         self.text = text
         self.image_config = image_config
@@ -86,6 +94,7 @@ class Embedder:
         max_patches = image_config.max_pixels // image_config.patch_size**2
         self._max_len = text.max_len or DEFAULT_MAX_LEN
         self._max_patches = max_patches
+        self._patch_layout = {"patch_dim": patch_dim(image_config), "merge_size": image_config.merge_size}
         self._batchers: dict[int, Batcher] = {}  # by rows
         self._packers: dict[int, PackedBatcher] = {}  # by max rows
         self._graphdef, self._state = nnx.split(model)
@@ -106,6 +115,8 @@ class Embedder:
         num_threads: int | None = None,
         packing: bool = True,
         attention: str = "auto",
+        prompt_format: str = "raw",
+        instruction: str = DEFAULT_INSTRUCTION,
     ) -> Embedder:
         """Load weights, tokenizer and image-processor settings from a local Hugging Face directory,
         or from a PEFT LoRA/DoRA adapter directory (adapter_config.json + adapter_model.safetensors)
@@ -119,7 +130,9 @@ class Embedder:
         5.x's M-RoPE; "legacy" reproduces released VLM2Vec checkpoints (image tokens without
         `<|vision_start|>` get 1-D positions). `packing` False batches one item per text row
         (`padding_side` matters only then). `attention` is the kernel (`models/attention.py`: "auto"
-        picks dense on CPU, XLA's fused attention on GPU, splash on TPU).
+        picks dense on CPU, XLA's fused attention on GPU, splash on TPU). `prompt_format` "raw" is
+        VLM2Vec's (the text as given); "qwen3_vl_embedding" is Qwen3-VL-Embedding's chat layout with
+        `instruction` as its system turn (`processing/prompt_formats.py`).
         """
         if is_adapter_dir(directory):
             model, _, source = load_adapted(directory, base=base, dtype=dtype, param_dtype=param_dtype, attention=attention)
@@ -138,7 +151,7 @@ class Embedder:
         image_config = ImageProcessorConfig.from_pretrained_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels)
         return cls(
             model, text, image_config, position_rule=position_rule, padding_side=padding_side,
-            source_dir=source, num_threads=num_threads, packing=packing,
+            source_dir=source, num_threads=num_threads, packing=packing, prompt_format=prompt_format, instruction=instruction,
         )
 
     @property
@@ -150,14 +163,19 @@ class Embedder:
         return save_pretrained(self.model, out_dir, source_dir=self.source_dir)
 
     # ------------------------------------------------------------------------------------ encode
-    def encode(self, items: Sequence[Item], *, batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
-        """(N, D) float32 unit vectors, one per item, in the order given.
+    def encode(
+        self, items: Sequence[Item], *, batch_size: int = 16, show_progress: bool = False, dim: int | None = None
+    ) -> np.ndarray:
+        """(N, D) float32 unit vectors, one per item, in the order given; with `dim`, (N, dim):
+        each vector's first `dim` entries, renormalised (Matryoshka dimensions).
 
         An item is a string, or a dict with "text" and/or "image" (path, bytes, PIL image or uint8
         array; or a list of them, one placeholder each). An image whose text has no placeholder gets
         `<|image_pad|>` and a newline prepended, MMEB's layout (image first, then the instruction).
         `batch_size` is the text rows of a batch: packed, each row holds as many items as fit.
         """
+        if dim is not None and not 0 < dim <= self.dim:
+            raise ValueError(f"dim={dim}: a Matryoshka dimension must be in 1..{self.dim} (the model's width)")
         items = list(items)
         out = np.empty((len(items), self.dim), np.float32)
         in_flight: deque[tuple[np.ndarray, jax.Array]] = deque()
@@ -175,7 +193,7 @@ class Embedder:
                 # Dispatch is asynchronous: the host prepares the next batches while these run.
                 collect(keep=IN_FLIGHT_BATCHES)
             collect(keep=0)
-        return out
+        return out if dim is None else np.asarray(truncate_and_normalize(out, dim))
 
     def embed_batch(self, batch: Mapping[str, np.ndarray]) -> jax.Array:
         """Unit vectors (one per row, or per slot when packed) of one built batch; returns
@@ -200,7 +218,7 @@ class Embedder:
     def _packed(self, indices: np.ndarray, examples: list[Example], batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         max_rows = -(-batch_size // self.rows_multiple) * self.rows_multiple
         if max_rows not in self._packers:
-            padded = Batcher.from_text_processor(self.text, BucketSpec.default(self._max_len, self._max_patches))
+            padded = Batcher.from_text_processor(self.text, BucketSpec.default(self._max_len, self._max_patches), **self._patch_layout)
             self._packers[max_rows] = PackedBatcher(padded, max_rows, rows_multiple=self.rows_multiple)
         packer = self._packers[max_rows]
         for group in packer.groups([e.input_ids.size for e in examples]):
@@ -216,7 +234,7 @@ class Embedder:
             rows = min(batch_size, 1 << (len(group) - 1).bit_length())
             if rows not in self._batchers:
                 buckets = BucketSpec.default(self._max_len, self._max_patches, batch_size=rows)
-                self._batchers[rows] = Batcher.from_text_processor(self.text, buckets, padding_side=self.padding_side)
+                self._batchers[rows] = Batcher.from_text_processor(self.text, buckets, padding_side=self.padding_side, **self._patch_layout)
             owners = np.full(rows, -1, np.int64)
             owners[: len(group)] = indices[group]
             yield owners, self._batchers[rows]([examples[k] for k in group])
@@ -227,7 +245,10 @@ class Embedder:
         jobs = [(source, i) for (_, sources), i in zip(parsed, indices) for source in sources]
         processed = iter(pool.map(lambda job: self._process_image(*job), jobs))
         images = [[next(processed) for _ in sources] for _, sources in parsed]
-        texts = [with_image_placeholder(text, bool(imgs), self.text.image_token) for (text, _), imgs in zip(parsed, images)]
+        texts = [
+            format_prompt(text, len(imgs), self.prompt_format, instruction=self.instruction, image_token=self.text.image_token)
+            for (text, _), imgs in zip(parsed, images)
+        ]
         counts = [[image.num_tokens for image in imgs] for imgs in images]
         try:
             ids = self.text.encode_batch(texts, counts)

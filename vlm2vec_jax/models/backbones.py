@@ -18,7 +18,12 @@ from vlm2vec_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from vlm2vec_jax.models.qwen2_5_vl.model import Qwen2_5_VL
 from vlm2vec_jax.models.qwen2_vl import checkpoint_keys as qwen2_vl_keys
 from vlm2vec_jax.models.qwen2_vl.config import ConfigError, Qwen2VLConfig
+from vlm2vec_jax.models.qwen2_vl.geometries import qwen2vl_2b_config, qwen2vl_7b_config
 from vlm2vec_jax.models.qwen2_vl.model import Qwen2VL
+from vlm2vec_jax.models.qwen3_vl import checkpoint_keys as qwen3_vl_keys
+from vlm2vec_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vlm2vec_jax.models.qwen3_vl.geometries import qwen3vl_2b_config, qwen3vl_8b_config
+from vlm2vec_jax.models.qwen3_vl.model import Qwen3VL
 from vlm2vec_jax.models.tensor_rules import TensorRule
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 
@@ -54,7 +59,14 @@ BACKBONES: dict[str, Backbone] = {
     for b in (
         Backbone(Qwen2VLConfig, Qwen2VL, qwen2_vl_keys.checkpoint_rules),
         Backbone(Qwen2_5_VLConfig, Qwen2_5_VL, qwen2_5_vl_keys.checkpoint_rules),
+        Backbone(Qwen3VLConfig, Qwen3VL, qwen3_vl_keys.checkpoint_rules),
     )
+}
+
+# The real geometries by name, for dry runs (`model.geometry`) and benchmarks at real scale.
+GEOMETRIES: dict[str, Callable[..., ModelConfig]] = {
+    "2b": qwen2vl_2b_config, "7b": qwen2vl_7b_config,  # Qwen2-VL
+    "qwen3vl-2b": qwen3vl_2b_config, "qwen3vl-8b": qwen3vl_8b_config,
 }
 
 

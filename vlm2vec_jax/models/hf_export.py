@@ -1,4 +1,5 @@
-"""Write the Flax model back as a Hugging Face model directory of its backbone (hub key layout, safetensors),
+"""Write the Flax model back as a Hugging Face model directory of its backbone (the key layout its
+released checkpoints use, safetensors),
 so transformers and `Embedder.from_pretrained` load it as they load the original."""
 
 import itertools
@@ -13,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from vlm2vec_jax.models.backbones import checkpoint_rules
+from vlm2vec_jax.models.tensor_rules import stored_key
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.models.safetensors_files import checkpoint_files, iter_tensors, write_checkpoint_files
 
@@ -32,6 +34,7 @@ def _hf_tensors(model: VisionLanguageModel) -> Iterator[tuple[str, np.ndarray]]:
     leaf on the host at a time."""
     state = nnx.state(model, nnx.Param)
     leaves = {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+    layout = model.config.CHECKPOINT_LAYOUT
     for rule in checkpoint_rules(model.config):
         leaf = np.asarray(jax.device_get(leaves[rule.path]))
         for key, shape, layer, part in rule.hf_keys():
@@ -39,7 +42,7 @@ def _hf_tensors(model: VisionLanguageModel) -> Iterator[tuple[str, np.ndarray]]:
             if len(rule.parts) > 1:
                 start = rule.part_offset(part)
                 value = value[..., start : start + rule.part_width(part)]
-            yield key, np.ascontiguousarray(value.T.reshape(shape) if rule.is_kernel else value)
+            yield stored_key(key, layout), np.ascontiguousarray(value.T.reshape(shape) if rule.is_kernel else value)
 
 
 def _source_lm_head(source_dir: Path | None) -> np.ndarray | None:
@@ -62,7 +65,8 @@ def save_pretrained(model: VisionLanguageModel, out_dir: str | Path, *, source_d
     source_dir = Path(source_dir) if source_dir is not None else None
     config = model.config.to_hf_dict()
     itemsize = model.config.parameter_dtype.itemsize
-    sizes = [(key, itemsize * int(np.prod(shape))) for rule in checkpoint_rules(model.config) for key, shape, _, _ in rule.hf_keys()]
+    layout = model.config.CHECKPOINT_LAYOUT
+    sizes = [(stored_key(key, layout), itemsize * int(np.prod(shape))) for rule in checkpoint_rules(model.config) for key, shape, _, _ in rule.hf_keys()]
     tensors: Iterator[tuple[str, np.ndarray]] = _hf_tensors(model)
     if not config["tie_word_embeddings"]:
         lm_head = _source_lm_head(source_dir)

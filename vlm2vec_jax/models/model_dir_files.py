@@ -131,16 +131,6 @@ def build_tiny_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = Non
     return out
 
 
-def mrope_section_for(head_dim: int) -> list[int]:
-    """Qwen2-VL's (t, h, w) split of the head_dim/2 rotary frequencies: 1/4, 3/8, 3/8."""
-    half = head_dim // 2
-    if head_dim % 2 or half < 4:
-        raise ValueError(f"head_dim must be even and >= 8 for M-RoPE, got {head_dim}")
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
 # The hub's Qwen2-VL-2B-Instruct preprocessor_config.json (top-level min/max_pixels spelling).
 HUB_PREPROCESSOR_CONFIG = {
     "min_pixels": 3136,
@@ -153,6 +143,21 @@ HUB_PREPROCESSOR_CONFIG = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
 }
+def image_processor_settings(model_type: str = "qwen2_vl") -> dict:
+    """The image processor settings a backbone's released models carry (patch, merge, mean/std)."""
+    config = backbone_for(model_type).config()
+    v = config.vision
+    return {
+        "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
+        "image_mean": list(config.IMAGE_MEAN), "image_std": list(config.IMAGE_STD),
+    }
+
+
+def preprocessor_config(model_type: str, *, min_pixels: int, max_pixels: int) -> dict:
+    """A preprocessor_config.json (hub spelling) for the backbone `model_type`."""
+    return {**HUB_PREPROCESSOR_CONFIG, **image_processor_settings(model_type), "min_pixels": min_pixels, "max_pixels": max_pixels}
+
+
 # Ids every Qwen2-VL tokenizer must give its special tokens
 # (docs/reference.md, "Qwen2-VL special tokens").
 QWEN2VL_SPECIAL_IDS = {
@@ -189,29 +194,22 @@ def tiny_hf_config(
         raise ValueError("text_hidden must divide by heads and heads by kv_heads")
     backbone = backbone_for(model_type)
     vision = backbone.config.small_vision(vision_dim, vision_depth, vision_heads, text_hidden)
+    text = backbone.config.small_text(
+        hidden=text_hidden, layers=text_layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
+        vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
+    )
+    config = backbone.config(vision=vision, text=text)
     return {
         "model_type": backbone.model_type,
         "architectures": [backbone.architecture],
         "text_config": {
-            "vocab_size": vocab_size,
-            "hidden_size": text_hidden,
-            "intermediate_size": intermediate,
-            "num_hidden_layers": text_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
+            **config.text_hf_dict(),
             "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "hidden_act": "silu",
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": mrope_section_for(text_hidden // heads),
-            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
-        "vision_config": backbone.config(vision=vision).vision_hf_dict(),
+        "vision_config": config.vision_hf_dict(),
         # Top level too: transformers' Qwen2VLConfig otherwise fills in the real Qwen vocabulary's ids.
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -246,7 +244,7 @@ def write_qwen2vl_processor_files(
     shutil.copyfile(_qwen_tokenizer_json(), out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps(QWEN2_TOKENIZER_CONFIG, indent=2))
     (out / "preprocessor_config.json").write_text(
-        json.dumps({**HUB_PREPROCESSOR_CONFIG, "min_pixels": min_pixels, "max_pixels": max_pixels}, indent=2)
+        json.dumps(preprocessor_config("qwen2_vl", min_pixels=min_pixels, max_pixels=max_pixels), indent=2)
     )
     from tokenizers import Tokenizer
 

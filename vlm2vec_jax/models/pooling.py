@@ -19,3 +19,8 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
     """Unit vectors in float32 (torch's F.normalize: divide by max(norm, eps))."""
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def truncate_and_normalize(x: jnp.ndarray, dim: int) -> jnp.ndarray:
+    """Matryoshka dimensions: the first `dim` entries of each vector, back to unit length."""
+    return l2_normalize(x[..., :dim])

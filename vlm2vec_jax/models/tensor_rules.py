@@ -63,6 +63,19 @@ _IN_MEMORY_PREFIXES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile
 IGNORED_KEYS = re.compile(r"^lm_head\.|\.rotary_emb\.inv_freq$")
 
 
+_HUB_TO_IN_MEMORY = ((re.compile(r"^visual\."), "model.visual."), (re.compile(r"^model\."), "model.language_model."))
+
+
+def stored_key(key: str, layout: str) -> str:
+    """A canonical (hub-layout) key as a checkpoint of `layout` ("hub" or "in_memory") names it."""
+    if layout == "hub":
+        return key
+    for pattern, replacement in _HUB_TO_IN_MEMORY:
+        if pattern.match(key):
+            return pattern.sub(replacement, key, count=1)
+    return key
+
+
 def canonical_key(key: str) -> str:
     """The hub-layout name of a checkpoint key written in either layout."""
     for pattern, replacement in _IN_MEMORY_PREFIXES:

@@ -1,6 +1,7 @@
 """What every backbone shares: a vision tower whose merged image tokens replace the
-`<|image_pad|>` embeddings, a decoder, and the pooled, normalised embedding read from its last
-layer. A backbone (`models/backbones.py`) names its own tower and decoder classes.
+`<|image_pad|>` embeddings (and whose DeepStack features, where it has them, go to the first
+decoder layers at the same places), a decoder, and the pooled, normalised embedding read from its
+last layer. A backbone (`models/backbones.py`) names its own tower and decoder classes.
 
 Inputs follow `vlm2vec_jax.batch.ModelInputs`; every layout decision was made on the host.
 """
@@ -29,21 +30,30 @@ class VisionLanguageModel(nnx.Module):
         self.language_model = self.decoder(config.text, **dims)
         self.config = config
 
-    def input_embeddings(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """Token embeddings with each image_pad replaced by its merged vision token."""
+    def input_embeddings(self, batch: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """(token embeddings with each image_pad replaced by its merged vision token, the tower's
+        DeepStack features at the same places (levels, B, L, D), zero elsewhere, or None)."""
         embeds = self.language_model.embed_tokens(batch["input_ids"])
         pixel_values = batch.get("pixel_values")
         if pixel_values is None or pixel_values.shape[0] == 0:  # static: text-only batch
-            return embeds
-        image_tokens = self.visual(pixel_values, batch["patch_positions"], batch["patch_segment_ids"])
+            return embeds, None
+        image_tokens, deepstack = self.visual.features(pixel_values, batch["patch_positions"], batch["patch_segment_ids"])
         index = batch["image_token_index"]
-        gathered = jnp.take(image_tokens, jnp.maximum(index, 0), axis=0).astype(embeds.dtype)
-        return jnp.where((index >= 0)[..., None], gathered, embeds)
+        is_image = (index >= 0)[..., None]
+
+        def place(tokens: jnp.ndarray, elsewhere: jnp.ndarray) -> jnp.ndarray:
+            return jnp.where(is_image, jnp.take(tokens, jnp.maximum(index, 0), axis=0).astype(embeds.dtype), elsewhere)
+
+        embeds_out = place(image_tokens, embeds)
+        if deepstack is None:
+            return embeds_out, None
+        zeros = jnp.zeros_like(embeds)
+        return embeds_out, jnp.stack([place(level, zeros) for level in deepstack])
 
     def hidden_states(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
         """Final-layer hidden states (B, L, D) in the compute dtype."""
-        embeds = self.input_embeddings(batch)
-        return self.language_model(embeds, batch["attention_mask"], batch["position_ids"])
+        embeds, deepstack = self.input_embeddings(batch)
+        return self.language_model(embeds, batch["attention_mask"], batch["position_ids"], deepstack)
 
     def __call__(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
         """Unit-norm float32 embeddings of the final layer (the training path): (B, D) from each
@@ -61,5 +71,6 @@ class VisionLanguageModel(nnx.Module):
         in each row (row-major: vector b * Q + j is row b's j-th segment)."""
         mask = batch["attention_mask"]
         query_index = batch["pool_positions"] if "pool_positions" in batch else last_token_index(mask)[:, None]
-        states = self.language_model.pooled_states(self.input_embeddings(batch), mask, batch["position_ids"], query_index)
+        embeds, deepstack = self.input_embeddings(batch)
+        states = self.language_model.pooled_states(embeds, mask, batch["position_ids"], query_index, deepstack)
         return l2_normalize(states.reshape(-1, states.shape[-1]))

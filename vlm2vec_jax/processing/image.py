@@ -32,6 +32,7 @@ __all__ = [
     "normalize_patches",
     "patchify",
     "process_image",
+    "patch_dim",
     "raw_patch_dim",
     "smart_resize",
     "vision_patch_positions",
@@ -263,6 +264,11 @@ def patchify(source: ImageSource, config: ImageProcessorConfig | None = None) ->
         .reshape(gh * gw, channels * p * p)
     )
     return ProcessedImage(patches=blocks, grid_thw=(1, gh, gw), merge_size=m)
+
+
+def patch_dim(config: ImageProcessorConfig, channels: int = 3) -> int:
+    """Width of `process_image`'s float32 patches: C * T * P * P (what the vision tower embeds)."""
+    return channels * config.temporal_patch_size * config.patch_size**2
 
 
 def raw_patch_dim(config: ImageProcessorConfig, channels: int = 3) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer, tiny_hf_config
+from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer, image_processor_settings, tiny_hf_config
 
 
 def _randomize_(model: object, seed: int) -> None:
@@ -88,7 +88,7 @@ def build_tiny_checkpoint(
     model.config.dtype = torch_dtype
     model.save_pretrained(out, **({"max_shard_size": "200KB"} if sharded else {}))
     # Writes the transformers 5.x spelling `size: {shortest_edge, longest_edge}`.
-    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, **image_processor_settings(model_type)).save_pretrained(out)
     return out
 
 

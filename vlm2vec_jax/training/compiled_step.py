@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from vlm2vec_jax.processing.image import ImageProcessorConfig
+from vlm2vec_jax.training.loss import parse_matryoshka_dims
 from vlm2vec_jax.training.forward import make_embed_factory
 from vlm2vec_jax.training.step import StepOptions, TrainState, make_train_step
 from vlm2vec_jax.training.throughput import StepFlops
@@ -48,7 +49,8 @@ def compile_step(
     dropout = c.train.mode == "lora" and c.lora.dropout > 0
     step = make_train_step(
         make_embed_factory(graphdef, dropout=dropout, image_config=image_config), optimizer, schedule,
-        StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets), mesh, abstract,
+        StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets, parse_matryoshka_dims(c.train.matryoshka_dims)),
+        mesh, abstract,
         jax.tree.map(lambda x: x.sharding, frozen), batch,
     )
     start = time.perf_counter()

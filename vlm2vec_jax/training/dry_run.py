@@ -40,11 +40,10 @@ from vlm2vec_jax.data.pipeline import vision_row_patches
 from vlm2vec_jax.data.profile import Profile
 from vlm2vec_jax.data.profile_batches import LengthBatch, draw_batches, shard_chunks
 from vlm2vec_jax.data.profiles import resolve_profile
-from vlm2vec_jax.models.backbones import ModelConfig, build_model, read_config
+from vlm2vec_jax.models.backbones import GEOMETRIES, ModelConfig, build_model, read_config
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.processing.batching import ShapeSignature
 from vlm2vec_jax.processing.image import ImageProcessorConfig, raw_patch_dim
-from vlm2vec_jax.models.qwen2_vl.geometries import GEOMETRIES
 from vlm2vec_jax.training.compiled_step import CompiledStep, compile_step
 from vlm2vec_jax.training.model_flops import FlopsModel
 from vlm2vec_jax.training.pack_budget import profile_budget
@@ -82,7 +81,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if m.geometry not in GEOMETRIES:
         raise ValueError(
             f"a dry run needs the real geometry: set model.geometry to one of {sorted(GEOMETRIES)} "
-            f"(got {m.geometry!r}) or model.init to a Hugging Face Qwen2-VL directory (only its config.json is read)"
+            f"(got {m.geometry!r}) or model.init to a Hugging Face directory of a supported backbone (only its config.json is read)"
         )
     return GEOMETRIES[m.geometry](**options)
 

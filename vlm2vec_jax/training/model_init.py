@@ -19,7 +19,7 @@ from vlm2vec_jax.models.peft_adapter import base_dir, is_adapter_dir, load_adapt
 from vlm2vec_jax.models.backbones import build_model, read_config
 from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
-from vlm2vec_jax.models.model_dir_files import HUB_PREPROCESSOR_CONFIG, build_tiny_tokenizer, tiny_hf_config
+from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer, preprocessor_config, tiny_hf_config
 
 RANDOM = "random"
 ARCHITECTURE_KEYS = (
@@ -43,7 +43,7 @@ def write_random_model_dir(
     build_tiny_tokenizer(partial, corpus=corpus, vocab_size=arch.pop("vocab_size"))
     (partial / "config.json").write_text(json.dumps(tiny_hf_config(partial, **arch), indent=2))
     (partial / "preprocessor_config.json").write_text(
-        json.dumps({**HUB_PREPROCESSOR_CONFIG, "min_pixels": min_pixels, "max_pixels": max_pixels}, indent=2)
+        json.dumps(preprocessor_config(arch.get("model_type", "qwen2_vl"), min_pixels=min_pixels, max_pixels=max_pixels), indent=2)
     )
     partial.rename(out)
     return out

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm2vec_jax.training.chunks import relative_image_index, row_axis
 from vlm2vec_jax.training.gradcache import EmbedFn, contrastive_grads
-from vlm2vec_jax.training.loss import infonce
+from vlm2vec_jax.training.loss import matryoshka_infonce
 from vlm2vec_jax.training.packed_gradcache import packed_contrastive_grads
 from vlm2vec_jax.training.sharding import BATCH_AXES, batch_size_of, uses_shard_map, zero2_spec
 
@@ -46,6 +46,7 @@ class StepOptions:
     temperature: float
     chunk_size: int  # queries per device per chunk; 0 = no caching
     mask_duplicate_targets: bool = False  # targets equal to a query's positive are not its negatives
+    matryoshka_dims: tuple[int, ...] = ()  # prefixes whose InfoNCE is added to the full width's
 
 
 def num_chunks(local_rows: int, chunk_size: int) -> int:
@@ -106,7 +107,7 @@ def make_train_step(
         target_keys = gather(batch["target_key"]) if options.mask_duplicate_targets else None
 
         def loss_fn(q: jax.Array, t: jax.Array):
-            return infonce(q, t, query_valid, target_valid, options.temperature, target_keys)
+            return matryoshka_infonce(q, t, query_valid, target_valid, options.temperature, target_keys, options.matryoshka_dims)
 
         if sharded:  # local gradients need varying parameters, or shard_map adds a psum per use
             params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)

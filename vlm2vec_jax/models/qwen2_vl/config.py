@@ -54,6 +54,7 @@ class VisionConfig:
 
     # The MLP's matrices of `embed_dim` x `mlp_dim` (fc1, fc2), for FLOP counts.
     mlp_matrices: ClassVar[int] = 2
+    patch_embed_bias: ClassVar[bool] = False
 
     def attended_patches(self, patches: np.ndarray) -> np.ndarray:
         """Patches each patch of an image of `patches` attends to, summed over the blocks (FLOP
@@ -76,11 +77,17 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     hidden_act: str = "silu"
     tie_word_embeddings: bool = True
+    # Where decoders of later backbones differ (Qwen3: no q/k/v bias, RMSNorm of q and k per head,
+    # an explicit head_dim, interleaved M-RoPE bands).
+    attention_bias: bool = True
+    qk_norm: bool = False
+    explicit_head_dim: int = 0  # 0: hidden_size // num_heads
+    mrope_interleaved: bool = False
 
     @property
     def head_dim(self) -> int:
         # transformers' Qwen2-VL attention uses hidden // heads and ignores any `head_dim` key.
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +96,12 @@ class Qwen2VLConfig:
 
     MODEL_TYPE: ClassVar[str] = "qwen2_vl"
     ARCHITECTURE: ClassVar[str] = "Qwen2VLForConditionalGeneration"  # the transformers class it equals
+    # How the backbone's released checkpoints name tensors: "hub" (`visual.*`, `model.*`) or
+    # "in_memory" (transformers 5's `model.visual.*`, `model.language_model.*`); exports follow it.
+    CHECKPOINT_LAYOUT: ClassVar[str] = "hub"
+    # The image processor's normalisation (preprocessor_config.json of the released models).
+    IMAGE_MEAN: ClassVar[tuple[float, float, float]] = (0.48145466, 0.4578275, 0.40821073)
+    IMAGE_STD: ClassVar[tuple[float, float, float]] = (0.26862954, 0.26130258, 0.27577711)
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     image_token_id: int = 151655
@@ -127,7 +140,7 @@ class Qwen2VLConfig:
         if isinstance(raw.get("text_config"), dict):
             text_raw.update(raw["text_config"])
         try:
-            text = parse_text_config(text_raw, raw)
+            text = cls.parse_text_config(text_raw, raw)
             vision = cls.parse_vision_config(raw.get("vision_config") or {}, text)
         except KeyError as missing:
             raise ConfigError(f"{source}: required key {missing} is missing from the {cls.ARCHITECTURE} config") from None
@@ -142,6 +155,22 @@ class Qwen2VLConfig:
         )
         config.validate(source)
         return config
+
+    @classmethod
+    def parse_text_config(cls, text_raw: dict[str, Any], raw: dict[str, Any]) -> TextConfig:
+        """The decoder from the merged top-level + `text_config` keys (a KeyError names a missing one)."""
+        return parse_text_config(text_raw, raw)
+
+    @classmethod
+    def small_text(cls, *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab_size: int,
+                   tie_word_embeddings: bool) -> TextConfig:
+        """A decoder of the given size with this backbone's other choices, for tiny test and demo
+        models (rope theta 1e6, Qwen2-VL's 1/4, 3/8, 3/8 rotary split)."""
+        return TextConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+            intermediate_size=intermediate, mrope_section=mrope_section_for(hidden // heads),
+            tie_word_embeddings=tie_word_embeddings,
+        )
 
     @classmethod
     def small_vision(cls, dim: int, depth: int, heads: int, out_hidden_size: int) -> VisionConfig:
@@ -167,7 +196,7 @@ class Qwen2VLConfig:
         problems = []
         if self.attention not in IMPLEMENTATIONS:
             problems.append(f"attention {self.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
-        if t.hidden_size % t.num_heads:
+        if not t.explicit_head_dim and t.hidden_size % t.num_heads:
             problems.append(f"hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_heads}")
         if t.num_heads % t.num_kv_heads:
             problems.append(f"num_attention_heads {t.num_heads} is not a multiple of num_key_value_heads {t.num_kv_heads}")
@@ -182,8 +211,6 @@ class Qwen2VLConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers 5.x layout, loadable by `ARCHITECTURE.from_pretrained`."""
-        t = self.text
-        rope = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)}
         return {
             "architectures": [self.ARCHITECTURE],
             "model_type": self.MODEL_TYPE,
@@ -191,23 +218,26 @@ class Qwen2VLConfig:
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
-            "tie_word_embeddings": t.tie_word_embeddings,
+            "tie_word_embeddings": self.text.tie_word_embeddings,
             "dtype": self.param_dtype,
-            "text_config": {
-                "model_type": f"{self.MODEL_TYPE}_text",
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "num_hidden_layers": t.num_layers,
-                "num_attention_heads": t.num_heads,
-                "num_key_value_heads": t.num_kv_heads,
-                "intermediate_size": t.intermediate_size,
-                "rms_norm_eps": t.rms_norm_eps,
-                "hidden_act": t.hidden_act,
-                "rope_parameters": rope,
-                "tie_word_embeddings": t.tie_word_embeddings,
-                "dtype": self.param_dtype,
-            },
+            "text_config": {"model_type": f"{self.MODEL_TYPE}_text", **self.text_hf_dict(), "dtype": self.param_dtype},
             "vision_config": {"model_type": f"{self.MODEL_TYPE}_vision", **self.vision_hf_dict(), "dtype": self.param_dtype},
+        }
+
+    def text_hf_dict(self) -> dict[str, Any]:
+        """The `text_config` section in the spelling transformers reads."""
+        t = self.text
+        return {
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "intermediate_size": t.intermediate_size,
+            "rms_norm_eps": t.rms_norm_eps,
+            "hidden_act": t.hidden_act,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+            "tie_word_embeddings": t.tie_word_embeddings,
         }
 
     def vision_hf_dict(self) -> dict[str, Any]:
@@ -222,6 +252,16 @@ class Qwen2VLConfig:
             "hidden_size": v.out_hidden_size,
             **patch_geometry_hf_dict(v),
         }
+
+
+def mrope_section_for(head_dim: int) -> tuple[int, int, int]:
+    """Qwen2-VL's (t, h, w) split of the head_dim/2 rotary frequencies: 1/4, 3/8, 3/8."""
+    half = head_dim // 2
+    if head_dim % 2 or half < 4:
+        raise ValueError(f"head_dim must be even and >= 8 for M-RoPE, got {head_dim}")
+    t = half // 4
+    h = (half - t) // 2
+    return (t, h, half - t - h)
 
 
 def parse_text_config(text_raw: dict[str, Any], raw: dict[str, Any]) -> TextConfig:

@@ -7,7 +7,7 @@ import dataclasses
 
 from vlm2vec_jax.models.qwen2_vl.config import Qwen2VLConfig, TextConfig, VisionConfig
 
-__all__ = ["GEOMETRIES", "qwen2vl_2b_config", "qwen2vl_7b_config"]
+__all__ = ["qwen2vl_2b_config", "qwen2vl_7b_config"]
 
 
 def qwen2vl_2b_config(**options) -> Qwen2VLConfig:
@@ -33,7 +33,3 @@ def qwen2vl_7b_config(**options) -> Qwen2VLConfig:
         tie_word_embeddings=False,
     )
     return base.replace(text=text, vision=dataclasses.replace(base.vision, out_hidden_size=3584))
-
-
-# By name (dry runs: `model.geometry`).
-GEOMETRIES = {"2b": qwen2vl_2b_config, "7b": qwen2vl_7b_config}

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
@@ -76,3 +77,29 @@ def scan_stack(stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, per_l
         body = jax.checkpoint(body, prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (state, per_layer))
     return x
+
+
+def scan_stack_capturing(
+    stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, capture: tuple[int, ...]
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`scan_stack`, also returning the outputs of the layers `capture` names, stacked
+    (len(capture), *x.shape): a buffer in the scan's carry that each captured layer writes its
+    slot of, so the other layers' outputs are never kept."""
+    depth = jax.tree.leaves(nnx.state(stack))[0].shape[0]
+    slot_of_layer = np.full(depth, -1, np.int32)
+    slot_of_layer[list(capture)] = np.arange(len(capture))
+    graphdef, state = nnx.split(stack)
+
+    def body(carry: tuple[jnp.ndarray, jnp.ndarray], xs: tuple[nnx.State, jnp.ndarray]) -> tuple[tuple[jnp.ndarray, jnp.ndarray], None]:
+        (h, captured), (layer_state, slot) = carry, xs
+        h = nnx.merge(graphdef, layer_state)(h, *args)
+        index = jnp.maximum(slot, 0)
+        kept = jnp.where(slot >= 0, h, jax.lax.dynamic_index_in_dim(captured, index, keepdims=False))
+        return (h, jax.lax.dynamic_update_index_in_dim(captured, kept, index, 0)), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    # zeros_like keeps x's sharding and, inside shard_map, its varying axes (a scan carry must)
+    empty = jnp.broadcast_to(jnp.zeros_like(x), (len(capture), *x.shape))
+    (x, captured), _ = jax.lax.scan(body, (x, empty), (state, jnp.asarray(slot_of_layer)))
+    return x, captured

@@ -31,14 +31,28 @@ def vision_rope(patch_positions: jnp.ndarray, head_dim: int, theta: float) -> tu
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def mrope_bands(half: int, mrope_section: tuple[int, int, int], interleaved: bool) -> np.ndarray:
+    """Which position (0 temporal, 1 height, 2 width) drives each of the `half` frequency bands:
+    contiguous runs of `mrope_section` (Qwen2-VL), or interleaved t, h, w, t, h, w, ... with height
+    on bands 1, 4, ... below 3 * section[1], width on 2, 5, ... below 3 * section[2] and the rest
+    temporal (Qwen3-VL's `mrope_interleaved`)."""
+    if not interleaved:
+        return np.repeat(np.arange(3), mrope_section)
+    band = np.arange(half)
+    axis = np.zeros(half, np.int64)
+    for dim in (1, 2):
+        axis[(band % 3 == dim) & (band < 3 * mrope_section[dim])] = dim
+    return axis
+
+
 def mrope(
-    position_ids: jnp.ndarray, head_dim: int, theta: float, mrope_section: tuple[int, int, int]
+    position_ids: jnp.ndarray, head_dim: int, theta: float, mrope_section: tuple[int, int, int], interleaved: bool = False
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos/sin (B, L, head_dim) from (3, B, L) positions: frequency band i takes its angle from the
-    temporal, height or width position according to `mrope_section` (e.g. 16/24/24 of 64)."""
+    temporal, height or width position according to `mrope_bands`."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # (3, B, L, head_dim/2)
-    axis_of_band = np.repeat(np.arange(3), mrope_section)  # static: which position drives band i
+    axis_of_band = mrope_bands(head_dim // 2, mrope_section, interleaved)  # static
     angles = jnp.where(axis_of_band == 0, freqs[0], jnp.where(axis_of_band == 1, freqs[1], freqs[2]))
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

@@ -1,4 +1,6 @@
-"""The Qwen2 decoder: token embedding, scanned GQA decoder layers with M-RoPE, final RMSNorm.
+"""The Qwen2 decoder: token embedding, scanned GQA decoder layers with M-RoPE, final RMSNorm; and,
+by its config, Qwen3's (no q/k/v bias, RMSNorm of each head's q and k, interleaved M-RoPE), with
+DeepStack (vision features added to the first layers' outputs at image tokens) when given.
 
 q|k|v and gate|up are fused into one matmul each: fewer, larger GEMMs are faster on every backend,
 and the checkpoint importer splits/joins them at the boundary.
@@ -14,15 +16,30 @@ from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, create_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, mrope
 
 
+def deepstack_residual(deepstack: jnp.ndarray, layer_index: jnp.ndarray, query_index: jnp.ndarray | None) -> jnp.ndarray:
+    """What layer `layer_index` (traced) adds to its output: DeepStack level `layer_index` (B, L, D)
+    of the (levels, B, L, D) features (zero off image tokens), nothing past the last level."""
+    levels = deepstack.shape[0]
+    add = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(layer_index, levels - 1), keepdims=False)
+    if query_index is not None:
+        add = jnp.take_along_axis(add, query_index[..., None], axis=1)
+    return jnp.where(layer_index < levels, add, jnp.zeros_like(add))
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm decoder layer: grouped-query attention (q/k/v biased, o not) and a SwiGLU MLP."""
+    """Pre-norm decoder layer: grouped-query attention (q/k/v biased, o not; Qwen3: no bias, q and
+    k RMS-normalised per head before the rotation) and a SwiGLU MLP."""
 
     def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hd = cfg.head_dim
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.qkv_proj = linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=True, **dims)
+        self.qkv_proj = linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=cfg.attention_bias, **dims)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.qk_norm = cfg.qk_norm
         self.o_proj = linear(cfg.num_heads * hd, cfg.hidden_size, bias=False, **dims)
         self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **dims)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **dims)
@@ -30,24 +47,37 @@ class DecoderLayer(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(
-        self, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray, query_index: jnp.ndarray | None = None
+        self,
+        x: jnp.ndarray,
+        mask: SegmentMask,
+        cos: jnp.ndarray,
+        sin: jnp.ndarray,
+        deepstack: jnp.ndarray | None = None,
+        layer_index: jnp.ndarray | None = None,
+        query_index: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """(B, L, D) -> (B, L, D); with `query_index` (B, Q), only those Q tokens of each row are
-        computed (keys and values still cover every token) and the result is (B, Q, D)."""
+        computed (keys and values still cover every token) and the result is (B, Q, D). With
+        `deepstack` (levels, B, L, D), this layer (number `layer_index`) adds its level, if any."""
         batch, length, _ = x.shape
         n, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
-        k = apply_rotary(qkv[..., n * hd : (n + kv) * hd].reshape(batch, length, kv, hd), cos, sin)
+        k = qkv[..., n * hd : (n + kv) * hd].reshape(batch, length, kv, hd)
+        k = apply_rotary(self.k_norm(k) if self.qk_norm else k, cos, sin)
         v = qkv[..., (n + kv) * hd :].reshape(batch, length, kv, hd)
         q, q_cos, q_sin = qkv[..., : n * hd], cos, sin
         if query_index is not None:
             x, q, q_cos, q_sin = (jnp.take_along_axis(a, query_index[..., None], axis=1) for a in (x, q, cos, sin))
             mask = mask.for_queries(query_index)
         queries = x.shape[1]
-        q = apply_rotary(q.reshape(batch, queries, n, hd), q_cos, q_sin)
+        q = q.reshape(batch, queries, n, hd)
+        q = apply_rotary(self.q_norm(q) if self.qk_norm else q, q_cos, q_sin)
         x = x + self.o_proj(attention(q, k, v, mask).reshape(batch, queries, n * hd))
         gate, up = jnp.split(self.gate_up_proj(self.post_attention_layernorm(x)), 2, axis=-1)
-        return x + self.down_proj(self.act(gate) * up)
+        x = x + self.down_proj(self.act(gate) * up)
+        if deepstack is not None:
+            x = x + deepstack_residual(deepstack, layer_index, query_index).astype(x.dtype)
+        return x
 
 
 class TextDecoder(nnx.Module):
@@ -75,14 +105,27 @@ class TextDecoder(nnx.Module):
 
     def _mask_and_rope(self, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
         mask = SegmentMask.build(attention_mask, causal=True, implementation=self.attention)
-        return (mask, *mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section))
+        rope = mrope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, self.cfg.mrope_interleaved)
+        return (mask, *rope)
 
-    def __call__(self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray) -> jnp.ndarray:
-        x = scan_stack(self.layers, embeds, *self._mask_and_rope(attention_mask, position_ids), remat=self.remat)
+    def __call__(
+        self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray, deepstack: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        """`deepstack` (levels, B, L, D): added to the outputs of layers 0 .. levels - 1."""
+        args = self._mask_and_rope(attention_mask, position_ids)
+        if deepstack is None:
+            x = scan_stack(self.layers, embeds, *args, remat=self.remat)
+        else:
+            x = scan_stack(self.layers, embeds, *args, deepstack, remat=self.remat, per_layer=jnp.arange(self.cfg.num_layers))
         return self.norm(x)
 
     def pooled_states(
-        self, embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray, query_index: jnp.ndarray
+        self,
+        embeds: jnp.ndarray,
+        attention_mask: jnp.ndarray,
+        position_ids: jnp.ndarray,
+        query_index: jnp.ndarray,
+        deepstack: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """Final hidden states (B, Q, D) of the tokens `query_index` (B, Q) names in each row (the
         pooled tokens: a row's last token, or each packed segment's), for inference: the last layer
@@ -96,5 +139,5 @@ class TextDecoder(nnx.Module):
             return nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), state))
 
         last = self.cfg.num_layers - 1
-        x = jax.lax.fori_loop(0, last, lambda i, x: layer(i)(x, mask, cos, sin), embeds)
-        return self.norm(layer(last)(x, mask, cos, sin, query_index=query_index))
+        x = jax.lax.fori_loop(0, last, lambda i, x: layer(i)(x, mask, cos, sin, deepstack, i), embeds)
+        return self.norm(layer(last)(x, mask, cos, sin, deepstack, jnp.asarray(last), query_index=query_index))

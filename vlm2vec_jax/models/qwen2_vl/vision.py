@@ -57,19 +57,25 @@ Norm = Callable[..., nnx.Module]  # (dim, *, dtype, param_dtype, rngs) -> a norm
 
 class PatchMerger(nnx.Module):
     """A norm (`norm`: LayerNorm here), then each 2x2 block of consecutive patches (block-major
-    order) becomes one token of the text width through a GELU MLP."""
+    order) becomes one token of the text width through a GELU MLP. `norm_after_merge`: the norm
+    runs over the merged block's concatenated features instead (Qwen3-VL's DeepStack mergers)."""
 
-    def __init__(self, cfg: VisionConfig, *, norm: Norm, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: VisionConfig, *, norm: Norm, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
+        norm_after_merge: bool = False,
+    ):
         dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         merged = cfg.embed_dim * cfg.merge_units
-        self.ln_q = norm(cfg.embed_dim, **dims)
+        self.ln_q = norm(merged if norm_after_merge else cfg.embed_dim, **dims)
         self.fc1 = linear(merged, merged, bias=True, **dims)
         self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **dims)
         self.merge_units = cfg.merge_units
+        self.norm_after_merge = norm_after_merge
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         rows, length, dim = x.shape
-        x = self.ln_q(x).reshape(rows, length // self.merge_units, dim * self.merge_units)
+        merged = (rows, length // self.merge_units, dim * self.merge_units)
+        x = self.ln_q(x.reshape(merged)) if self.norm_after_merge else self.ln_q(x).reshape(merged)
         return self.fc2(activation("gelu")(self.fc1(x)))
 
 
@@ -84,8 +90,8 @@ class VisionTower(nnx.Module):
         self, cfg: VisionConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, attention: str, rngs: nnx.Rngs
     ):
         dims = dict(dtype=dtype, param_dtype=param_dtype)
-        # Conv3d with kernel == stride over a flattened patch is exactly this matmul (no bias).
-        self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=False, rngs=rngs, **dims)
+        # Conv3d with kernel == stride over a flattened patch is exactly this matmul.
+        self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=cfg.patch_embed_bias, rngs=rngs, **dims)
         self.blocks = create_stack(lambda r: self.block(cfg, rngs=r, **dims), cfg.depth, rngs)
         self.merger = PatchMerger(cfg, norm=self.merger_norm, rngs=rngs, **dims)
         self.cfg = cfg
@@ -94,10 +100,17 @@ class VisionTower(nnx.Module):
         self.attention = attention
 
     def __call__(self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+        return self.features(pixel_values, patch_positions, segment_ids)[0]
+
+    def features(
+        self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray
+    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """(merged image tokens (V * R / 4, text hidden), DeepStack features (levels, V * R / 4,
+        text hidden) or None for towers without them)."""
         x = self.patch_embed(pixel_values.astype(self.dtype))
         cos, sin = vision_rope(patch_positions, self.cfg.head_dim, self.cfg.rope_theta)
         merged = self.merger(self.run_blocks(x, patch_positions, segment_ids, cos, sin))
-        return merged.reshape(-1, merged.shape[-1])
+        return merged.reshape(-1, merged.shape[-1]), None
 
     def run_blocks(
         self, x: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
