@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Prefix B3's target prompts ("Represent the class label: ", ...) to the candidates. On for
     # B3-trained models; off for VLM2Vec's released checkpoints, which were trained without them.
     config.positive_prompts = True
+    # How items become the model's text: "raw" (VLM2Vec, B3: the text as given) or
+    # "qwen3_vl_embedding" (Qwen3-VL-Embedding's chat layout, `instruction` as its system turn).
+    config.prompt_format = "raw"
+    config.instruction = "Represent the user's input."
     # Longest text in tokens (image tokens are never cut); 0 = no limit.
     config.max_len = 0
     # Image pixel bounds for resizing; 0 = the checkpoint's preprocessor_config.json.

@@ -35,6 +35,8 @@ CASES = [
     ({"image": [IMG_A, IMG_B], "text": "Compare <|image_pad|> with <|image_pad|>."}, "Compare <|image_pad|> with <|image_pad|>.", [IMG_A, IMG_B]),
 ]
 NEWER = ["qwen2_5_vl", "qwen3_vl"]
+# Qwen3-VL is evaluated in Qwen3-VL-Embedding's chat layout.
+PROMPT_FORMAT = {"qwen3_vl": "qwen3_vl_embedding"}
 # Qwen3-VL-Embedding trains Matryoshka prefixes: its run adds two (the tiny model is 32 wide), so
 # the loss (tests/test_training_gradcache.py checks its value) runs in the sharded GradCache step.
 MATRYOSHKA = {"qwen3_vl": "8,16"}
@@ -159,14 +161,24 @@ def test_mining_from_a_teacher_of_the_backbone(checkpoint, tmp_path, capsys):
     assert (out / "batches.parquet").is_file()
 
 
-def test_evaluation_of_the_backbone(checkpoint, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
     from vlm2vec_jax.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("bench")
+    generate(out, seed=0, scale="small")
+    return out / "eval"
+
+
+def test_evaluation_of_the_backbone(checkpoint, bench, tmp_path, capsys):
     from vlm2vec_jax.eval import main as eval_main
 
-    generate(tmp_path / "bench", seed=0, scale="small")
+    model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
     out = tmp_path / "out"
     argv = ["eval", "--config", str(REPO / "configs/eval_mmeb.py"), f"--config.model={checkpoint}",
-            f"--config.data.root={tmp_path / 'bench' / 'eval'}", f"--config.out={out}", "--config.progress=False"]
+            f"--config.data.root={bench}", f"--config.out={out}", "--config.progress=False",
+            "--config.data.max_rows=8", f"--config.prompt_format={PROMPT_FORMAT.get(model_type, 'raw')}"]
     assert run_cli(eval_main, argv, command="vlm2vec_jax.eval", example_config="configs/eval_mmeb.py") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"]["num_datasets"] > 0 and 0 <= summary["overall"]["acc"] <= 1
+    assert json.loads((out / "config.json").read_text())["prompt_format"] == PROMPT_FORMAT.get(model_type, "raw")

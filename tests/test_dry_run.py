@@ -122,6 +122,30 @@ def test_dry_run_of_the_2b_recipe_on_8_devices(tmp_path: Path) -> None:
         assert report["fits"] == (m["total_gib"] <= report["topology"]["device_memory_gib"])
 
 
+@pytest.mark.slow
+def test_dry_run_of_the_qwen3vl_2b_b3_recipe(tmp_path: Path) -> None:
+    """configs/qwen3vl_2b_b3.py (`model.geometry=qwen3vl-2b`) compiles for 8 devices; its frozen
+    parameters are those of transformers' Qwen3-VL model of the geometry's config.json (counted on
+    the meta device, no weights) and its FLOPs the analytic formula's."""
+    import torch
+    from transformers import Qwen3VLConfig as HFQwen3VLConfig, Qwen3VLModel
+
+    from vlm2vec_jax.models.qwen3_vl.geometries import qwen3vl_2b_config
+
+    geometry = qwen3vl_2b_config()
+    with torch.device("meta"):
+        hf_parameters = sum(p.numel() for p in Qwen3VLModel(HFQwen3VLConfig(**geometry.to_hf_dict())).parameters())
+    report = finish_dry_run(start_dry_run(dry_run_command(tmp_path / "run", REPO / "configs/qwen3vl_2b_b3.py"), tmp_path / "log"), tmp_path / "run")
+    c = report["config"]
+    assert c["patches_per_image"] == 5120  # 1280 x 32 x 32 pixels of 16-px patches: 1280 merged tokens
+    assert report["parameters"]["frozen"] == hf_parameters
+    assert report["parameters"]["trained"] == dora_parameters(geometry, rank=8)
+    expected = FlopsModel(geometry, rank=8).padded_step(
+        sequences=c["batch_size"] + c["targets"], length=c["max_len"], patches=c["patches_per_image"]
+    )
+    assert report["flops_per_step"] == pytest.approx(expected, rel=0.1)
+
+
 def test_dry_run_without_a_geometry_says_what_to_set(tmp_path: Path) -> None:
     result = subprocess.run(
         dry_run_command(tmp_path, config=REPO / "configs/demo.py"), capture_output=True, text=True, timeout=TIMEOUT

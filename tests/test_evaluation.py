@@ -172,8 +172,12 @@ def test_fingerprint_covers_settings_that_change_vectors(tiny_ckpt, embedder):
     base = model_fingerprint(describe_model(embedder))
     assert model_fingerprint(describe_model(Embedder.from_pretrained(tiny_ckpt))) == base
     assert model_fingerprint(describe_model(Embedder.from_pretrained(tiny_ckpt, padding_side="left"))) == base
-    for options in ({"position_rule": "legacy"}, {"max_len": 64}, {"max_pixels": 56 * 56 * 4}, {"dtype": "bfloat16"}):
+    chat = {"prompt_format": "qwen3_vl_embedding"}
+    for options in ({"position_rule": "legacy"}, {"max_len": 64}, {"max_pixels": 56 * 56 * 4}, {"dtype": "bfloat16"}, chat,
+                    {**chat, "instruction": "Find the caption."}):
         assert model_fingerprint(describe_model(Embedder.from_pretrained(tiny_ckpt, **options))) != base, options
+    chat_fingerprint = model_fingerprint(describe_model(Embedder.from_pretrained(tiny_ckpt, **chat)))
+    assert chat_fingerprint != model_fingerprint(describe_model(Embedder.from_pretrained(tiny_ckpt, **chat, instruction="Other.")))
 
 
 @pytest.fixture

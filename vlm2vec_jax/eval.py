@@ -31,6 +31,7 @@ from vlm2vec_jax.evaluation import (
     write_report,
 )
 from vlm2vec_jax.models.model_dir import resolve_model_dir
+from vlm2vec_jax.processing.prompt_formats import PROMPT_FORMATS
 from vlm2vec_jax.processing.rope_index import ROPE_RULES
 
 DTYPES = ("float32", "bfloat16")
@@ -42,7 +43,9 @@ def _names(value: str) -> list[str]:
 
 def _check_choices(config: ConfigDict) -> None:
     """Reject values the run would only trip over later, after loading the model."""
-    choices = {"dtype": DTYPES, "position_rule": ROPE_RULES, "data.bad_data": get_args(BadDataPolicy)}
+    choices = {
+        "dtype": DTYPES, "position_rule": ROPE_RULES, "prompt_format": PROMPT_FORMATS, "data.bad_data": get_args(BadDataPolicy),
+    }
     for key, allowed in choices.items():
         value = config
         for part in key.split("."):
@@ -72,6 +75,7 @@ def main(config: ConfigDict) -> int:
         embedder = Embedder.from_pretrained(
             model_dir, dtype=config.dtype, max_len=config.max_len or None, position_rule=config.position_rule,
             min_pixels=config.min_pixels or None, max_pixels=config.max_pixels or None,
+            prompt_format=config.prompt_format, instruction=config.instruction,
         )
         skipped = BadDataReport()
         queries = read_mmeb_eval(

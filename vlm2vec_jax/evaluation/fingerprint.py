@@ -2,7 +2,7 @@
 
 A vector depends on the weights, the architecture and its numerics (config.json plus compute and
 parameter dtypes), the tokenizer, the image-processor settings (pixel bounds, patch and merge
-sizes, normalisation), the text length cap and the position-id rule; the fingerprint hashes all
+sizes, normalisation), the text length cap, the position-id rule and the prompt layout; the fingerprint hashes all
 of them, and nothing that leaves vectors alone (padding side, thread count, where the files are).
 
 Weights are hashed by content, SHA-256 over every parameter's bytes, rather than by the names,
@@ -47,7 +47,9 @@ def describe_model(embedder: Embedder) -> dict[str, Any]:
     config = dataclasses.asdict(embedder.model.config)
     config.pop("remat")  # rematerialisation changes memory, not values
     tokenizer = embedder.text.tokenizer.backend_tokenizer.to_str()
+    layout = {} if embedder.prompt_format == "raw" else {"prompt_format": embedder.prompt_format, "instruction": embedder.instruction}
     return {
+        **layout,  # absent for VLM2Vec's raw prompts, so earlier caches stay valid
         "version": FINGERPRINT_VERSION,
         "config": config,
         "image_processor": dataclasses.asdict(embedder.image_config),

@@ -53,7 +53,7 @@ class DataParallelEmbedder(Embedder):
         super().__init__(
             embedder.model, embedder.text, embedder.image_config, position_rule=embedder.position_rule,
             padding_side=embedder.padding_side, source_dir=embedder.source_dir, num_threads=embedder.num_threads,
-            packing=embedder.packing,
+            packing=embedder.packing, prompt_format=embedder.prompt_format, instruction=embedder.instruction,
         )
         devices = list(devices if devices is not None else jax.local_devices())
         self.rows_multiple = len(devices)  # every packed batch splits over the mesh

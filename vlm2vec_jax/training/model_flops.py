@@ -7,9 +7,10 @@ compute for each sequence alone, so `executed / useful` measures the layout's wa
 against the traced count of a padded step of full-length sequences.
 
 Per sequence of T tokens (text plus image tokens) with an image of P patches (P = 0 without one),
-with h the decoder's hidden size (attention width), L its layers, W the MACs of its fused linears
-per token (q, k, v, o, gate, up, down), R those of the rank-r adapters, and b = 2 where DoRA with
-dropout multiplies the dropped input by the base kernel again (else 1):
+with h the decoder's attention width (heads x head_dim: its hidden size, except in decoders like
+Qwen3-VL-4B's), L its layers, W the MACs of its fused linears per token (q, k, v, o, gate, up,
+down), R those of the rank-r adapters, and b = 2 where DoRA with dropout multiplies the dropped
+input by the base kernel again (else 1):
 
     forward  F(T) = L T (b W + R + 2 T h)           attention: the T x T scores and their product with V
     backward B(T) = L T (b W + 2 R + 4 T h)         activations only: the frozen kernels get no gradient
@@ -63,10 +64,10 @@ class FlopsModel:
 
     def _decoder_terms(self) -> tuple[int, int, int, int]:
         t = self.geometry.text
-        h, kv, inter = t.hidden_size, t.num_kv_heads * t.head_dim, t.intermediate_size
-        linears = h * (h + 2 * kv) + h * h + 2 * h * inter + inter * h
-        adapters = self.rank * (2 * (h + h) + 2 * (h + kv) + 2 * (h + inter) + (inter + h))
-        return t.num_layers, linears, adapters, h
+        h, q, kv, inter = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+        linears = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
+        adapters = self.rank * (2 * (h + q) + 2 * (h + kv) + 2 * (h + inter) + (inter + h))
+        return t.num_layers, linears, adapters, q
 
     def decoder(self, tokens: np.ndarray | int) -> np.ndarray:
         """FLOPs of the decoder for sequences of `tokens` tokens each (one value per sequence)."""

@@ -15,8 +15,8 @@ from vlm2vec_jax.models.qwen2_vl.config import (
     Qwen2VLConfig,
     TextConfig,
     VisionConfig,
-    patch_geometry,
-    patch_geometry_hf_dict,
+    sized_tower_geometry,
+    sized_tower_geometry_hf_dict,
 )
 
 
@@ -70,15 +70,9 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
     @classmethod
     def parse_vision_config(cls, vision_raw: dict[str, Any], text: TextConfig) -> WindowVisionConfig:
         return WindowVisionConfig(
-            depth=int(vision_raw["depth"]),
-            embed_dim=int(vision_raw["hidden_size"]),
-            num_heads=int(vision_raw["num_heads"]),
-            hidden_act=str(vision_raw.get("hidden_act", "silu")),
-            out_hidden_size=int(vision_raw.get("out_hidden_size", text.hidden_size)),
-            intermediate_size=int(vision_raw["intermediate_size"]),
             window_size=int(vision_raw.get("window_size", 112)),
             fullatt_block_indexes=tuple(int(i) for i in vision_raw.get("fullatt_block_indexes", (7, 15, 23, 31))),
-            **patch_geometry(vision_raw),
+            **sized_tower_geometry(vision_raw, text, "silu"),
         )
 
     def validate(self, source: str = "config") -> None:
@@ -94,13 +88,7 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
     def vision_hf_dict(self) -> dict[str, Any]:
         v = self.vision
         return {
-            "depth": v.depth,
-            "hidden_size": v.embed_dim,
-            "num_heads": v.num_heads,
-            "intermediate_size": v.intermediate_size,
-            "hidden_act": v.hidden_act,
-            "out_hidden_size": v.out_hidden_size,
+            **sized_tower_geometry_hf_dict(v),
             "window_size": v.window_size,
             "fullatt_block_indexes": list(v.fullatt_block_indexes),
-            **patch_geometry_hf_dict(v),
         }

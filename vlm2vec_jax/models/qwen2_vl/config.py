@@ -294,6 +294,32 @@ def patch_geometry(vision_raw: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def sized_tower_geometry(vision_raw: dict[str, Any], text: TextConfig, default_act: str) -> dict[str, Any]:
+    """The keys of towers that spell their width `hidden_size` and give their MLP width
+    (Qwen2.5-VL, Qwen3-VL), with the patch keys."""
+    return dict(
+        depth=int(vision_raw["depth"]),
+        embed_dim=int(vision_raw["hidden_size"]),
+        num_heads=int(vision_raw["num_heads"]),
+        hidden_act=str(vision_raw.get("hidden_act", default_act)),
+        out_hidden_size=int(vision_raw.get("out_hidden_size", text.hidden_size)),
+        intermediate_size=int(vision_raw["intermediate_size"]),
+        **patch_geometry(vision_raw),
+    )
+
+
+def sized_tower_geometry_hf_dict(v: Any) -> dict[str, Any]:
+    return {
+        "depth": v.depth,
+        "hidden_size": v.embed_dim,
+        "num_heads": v.num_heads,
+        "intermediate_size": v.intermediate_size,
+        "hidden_act": v.hidden_act,
+        "out_hidden_size": v.out_hidden_size,
+        **patch_geometry_hf_dict(v),
+    }
+
+
 def patch_geometry_hf_dict(v: VisionConfig) -> dict[str, Any]:
     return {
         "in_channels": v.in_channels,

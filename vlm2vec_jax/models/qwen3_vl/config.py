@@ -16,8 +16,8 @@ from vlm2vec_jax.models.qwen2_vl.config import (
     VisionConfig,
     mrope_section_for,
     parse_text_config,
-    patch_geometry,
-    patch_geometry_hf_dict,
+    sized_tower_geometry,
+    sized_tower_geometry_hf_dict,
 )
 
 
@@ -101,16 +101,11 @@ class Qwen3VLConfig(Qwen2VLConfig):
 
     @classmethod
     def parse_vision_config(cls, vision_raw: dict[str, Any], text: TextConfig) -> DeepStackVisionConfig:
+        geometry = sized_tower_geometry(vision_raw, text, "gelu_pytorch_tanh")
         return DeepStackVisionConfig(
-            depth=int(vision_raw["depth"]),
-            embed_dim=int(vision_raw["hidden_size"]),
-            num_heads=int(vision_raw["num_heads"]),
-            hidden_act=str(vision_raw.get("hidden_act", "gelu_pytorch_tanh")),
-            out_hidden_size=int(vision_raw.get("out_hidden_size", text.hidden_size)),
-            intermediate_size=int(vision_raw["intermediate_size"]),
             num_position_embeddings=int(vision_raw["num_position_embeddings"]),
             deepstack_visual_indexes=tuple(int(i) for i in vision_raw.get("deepstack_visual_indexes", ())),
-            **{**patch_geometry(vision_raw), "patch_size": int(vision_raw.get("patch_size", 16))},
+            **{**geometry, "patch_size": int(vision_raw.get("patch_size", 16))},
         )
 
     def validate(self, source: str = "config") -> None:
@@ -130,13 +125,7 @@ class Qwen3VLConfig(Qwen2VLConfig):
     def vision_hf_dict(self) -> dict[str, Any]:
         v = self.vision
         return {
-            "depth": v.depth,
-            "hidden_size": v.embed_dim,
-            "num_heads": v.num_heads,
-            "intermediate_size": v.intermediate_size,
-            "hidden_act": v.hidden_act,
-            "out_hidden_size": v.out_hidden_size,
+            **sized_tower_geometry_hf_dict(v),
             "num_position_embeddings": v.num_position_embeddings,
             "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
-            **patch_geometry_hf_dict(v),
         }
