@@ -1,13 +1,14 @@
-"""Embeddings per second: vlm2vec_jax's Embedder against transformers' PyTorch Qwen2-VL, same CPU.
+"""Embeddings per second: vlm2vec_jax's Embedder against transformers' PyTorch model of the same
+backbone (Qwen2-VL, Qwen2.5-VL or Qwen3-VL: `--backbone`), same CPU.
 
 The "small" geometry of the foundation issue (text 512 x 8 layers, 8 heads / 2 kv; vision 256 x 4;
-224x224 images, ~64 text tokens, batch 8), random weights written by transformers, so both sides
-load the very same checkpoint. Two comparisons, runs interleaved, medians reported:
+224x224 images, ~64 text tokens, batch 8) with the backbone's other choices, random weights
+written by transformers, so both sides load the very same checkpoint. Two comparisons, runs interleaved, medians reported:
 - pipeline: items in, unit vectors out (PyTorch: tokenizer + Qwen2VLImageProcessorPil + forward
   under torch.inference_mode, batch by batch, as a user would write it; ours: Embedder.encode);
 - model: the forward pass alone on identical preprocessed batches.
 
-    python benchmarks/forward.py [--batches 4] [--repeats 5] [--dtype float32]
+    python benchmarks/forward.py [--backbone qwen2_vl] [--batches 4] [--repeats 5] [--dtype float32]
 """
 
 import argparse
@@ -19,15 +20,16 @@ import numpy as np
 import torch
 
 from vlm2vec_jax import Embedder
+from vlm2vec_jax.models.backbones import BACKBONES
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint, tiny_image
 
 TEXT = "Represent the given image with the following question: what is shown in the picture, and how many objects are there? "
 
 
-def build_small_checkpoint(directory: str) -> None:
+def build_small_checkpoint(directory: str, model_type: str) -> None:
     build_tiny_checkpoint(
         directory, text_hidden=512, text_layers=8, heads=8, kv_heads=2, intermediate=1536,
-        vision_dim=256, vision_depth=4, vision_heads=4, min_pixels=224 * 224, max_pixels=224 * 224,
+        vision_dim=256, vision_depth=4, vision_heads=4, min_pixels=224 * 224, max_pixels=224 * 224, model_type=model_type,
     )
 
 
@@ -45,10 +47,15 @@ class TorchPipeline:
     """What a transformers user writes: processor, tokenizer, forward, last-token pooling."""
 
     def __init__(self, directory: str):
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        import json
+        from pathlib import Path
+
+        import transformers
+        from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(directory).eval()
+        architecture = json.loads((Path(directory) / "config.json").read_text())["architectures"][0]
+        self.model = getattr(transformers, architecture).from_pretrained(directory).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         self.tokenizer.padding_side = "left"  # last position = last token
         self.processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
@@ -86,11 +93,12 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--backbone", default="qwen2_vl", choices=sorted(BACKBONES), help="the model_type to build")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
     with tempfile.TemporaryDirectory() as directory:
-        build_small_checkpoint(directory)
+        build_small_checkpoint(directory, args.backbone)
         peer = TorchPipeline(directory)
         ours = Embedder.from_pretrained(directory, dtype=args.dtype)
         items = make_items(args.batches * args.batch_size, args.text_tokens, peer.tokenizer)
@@ -117,7 +125,7 @@ def main() -> None:
             timings["torch model"].append(median_time(lambda: peer.forward(torch_inputs), 1))
         med = {k: statistics.median(v) for k, v in timings.items()}
 
-    print(f"small Qwen2-VL, {n} items (224x224 image + {args.text_tokens} text tokens), batch {args.batch_size}, "
+    print(f"small {args.backbone}, {n} items (224x224 image + {args.text_tokens} text tokens), batch {args.batch_size}, "
           f"dtype {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}")
     print(f"first encode (incl. compile): {compile_s:.1f} s; min cosine ours vs torch: {agreement:.6f}")
     print(f"{'':18} {'seconds':>9} {'items/s':>9}")
