@@ -235,16 +235,16 @@ def _qwen_tokenizer_json() -> Path:
 
 
 def write_qwen2vl_processor_files(
-    out_dir: str | Path, *, min_pixels: int = 3136, max_pixels: int = 12845056
+    out_dir: str | Path, *, min_pixels: int = 3136, max_pixels: int = 12845056, model_type: str = "qwen2_vl"
 ) -> Path:
     """The real Qwen tokenizer (tokenizer.json + a Qwen2Tokenizer tokenizer_config.json, pad
-    `<|endoftext|>`) and the hub's preprocessor_config.json; checks the special token ids."""
+    `<|endoftext|>`) and the backbone's hub preprocessor_config.json; checks the special token ids."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_qwen_tokenizer_json(), out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps(QWEN2_TOKENIZER_CONFIG, indent=2))
     (out / "preprocessor_config.json").write_text(
-        json.dumps(preprocessor_config("qwen2_vl", min_pixels=min_pixels, max_pixels=max_pixels), indent=2)
+        json.dumps(preprocessor_config(model_type, min_pixels=min_pixels, max_pixels=max_pixels), indent=2)
     )
     from tokenizers import Tokenizer
 

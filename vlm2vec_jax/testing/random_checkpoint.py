@@ -1,7 +1,7 @@
-"""Random-weight Qwen2-VL checkpoints of any geometry (up to the real 2B), written without torch.
+"""Random-weight checkpoints of any backbone and geometry (up to the real 2B), written without torch.
 
 For memory and speed benchmarks and dry runs at real scale, where the values do not matter but the
-files must be exactly what the hub ships: hub key layout, safetensors shards of at most
+files must be exactly what the hub ships: the backbone's key layout, safetensors shards of at most
 `shard_bytes` with `model.safetensors.index.json`, a config.json transformers accepts, and
 optionally the real Qwen tokenizer and the hub's preprocessor_config.json.
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from vlm2vec_jax.models.backbones import ModelConfig, checkpoint_rules
 from vlm2vec_jax.models.safetensors_files import write_checkpoint_files
+from vlm2vec_jax.models.tensor_rules import stored_key
 from vlm2vec_jax.models.model_dir_files import write_qwen2vl_processor_files
 
 # Hub checkpoints are cut at about 4 GB per shard (Qwen2-VL-2B-Instruct: 3.99 GB + 0.43 GB).
@@ -29,8 +30,9 @@ _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.
 
 
 def checkpoint_tensor_specs(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(hub key, shape) of every tensor of the checkpoint, in table order (no LM head)."""
-    return [(key, shape) for rule in checkpoint_rules(config) for key, shape, _, _ in rule.hf_keys()]
+    """(key as the backbone's checkpoints store it, shape) of every tensor, in table order (no LM head)."""
+    layout = config.CHECKPOINT_LAYOUT
+    return [(stored_key(key, layout), shape) for rule in checkpoint_rules(config) for key, shape, _, _ in rule.hf_keys()]
 
 
 def _random_tensor(key: str, shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
@@ -51,8 +53,8 @@ def write_random_checkpoint(
     processor_files: bool = False,
 ) -> Path:
     """Write config.json and random safetensors weights (sharded with an index above `shard_bytes`)
-    in the hub layout; with `processor_files`, also the real Qwen tokenizer and the hub's
-    preprocessor_config.json (see `write_qwen2vl_processor_files`). Returns `out_dir`.
+    in the backbone's key layout; with `processor_files`, also the real Qwen tokenizer and the
+    backbone's preprocessor_config.json (see `write_qwen2vl_processor_files`). Returns `out_dir`.
 
     A tensor's values depend only on `seed` and its position in the table, not on the sharding.
     Peak memory is about twice the largest shard (safetensors serialises a shard to bytes).
@@ -70,7 +72,7 @@ def write_random_checkpoint(
     write_checkpoint_files(out, sizes, tensors, shard_bytes)
     (out / "config.json").write_text(json.dumps(config.replace(param_dtype=dtype).to_hf_dict(), indent=2))
     if processor_files:
-        write_qwen2vl_processor_files(out)
+        write_qwen2vl_processor_files(out, model_type=config.MODEL_TYPE)
     return out
 
 
