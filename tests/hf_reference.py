@@ -25,9 +25,11 @@ class Reference:
 
 
 class HFReference:
-    def __init__(self, checkpoint_dir: str):
+    def __init__(self, checkpoint_dir: str, dtype: str | None = None):
+        """`dtype`: load as this torch dtype (default: as stored)."""
         architecture = transformers.AutoConfig.from_pretrained(checkpoint_dir).architectures[0]
-        self.model = getattr(transformers, architecture).from_pretrained(checkpoint_dir).eval()
+        options = {} if dtype is None else {"dtype": dtype}
+        self.model = getattr(transformers, architecture).from_pretrained(checkpoint_dir, **options).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint_dir)
         self.config = self.model.config
