@@ -1,7 +1,7 @@
 """The inference API: any mix of image and text in, one L2-normalised vector out.
 
     from vlm2vec_jax import Embedder
-    embedder = Embedder.from_pretrained("path/to/Qwen2-VL-dir")
+    embedder = Embedder.from_pretrained("path/to/a-Qwen2-VL-Qwen2.5-VL-or-Qwen3-VL-dir")
     vectors = embedder.encode(["a caption", {"image": "cat.png", "text": "<|image_pad|> Represent the image."}])
 
 Speed comes from the whole path, not only the model: items are preprocessed on host threads while

@@ -240,7 +240,10 @@ def _processor_dir(config: ml_collections.ConfigDict, train_set: TrainSet) -> It
     """(directory with the training tokenizer and preprocessor_config.json, how it was found)."""
     init = config.model.init
     if not init:
-        raise ValueError("model.init is empty: set it to a local Hugging Face Qwen2-VL directory, or to 'random'")
+        raise ValueError(
+            "model.init is empty: set it to a local Hugging Face directory of a supported backbone "
+            "(qwen2_vl, qwen2_5_vl, qwen3_vl), or to 'random'"
+        )
     from vlm2vec_jax.training.model_init import RANDOM, write_random_model_dir
 
     if init != RANDOM:

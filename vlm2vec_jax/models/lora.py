@@ -1,4 +1,4 @@
-"""LoRA and DoRA adapters on the Qwen2-VL decoder's projections, numerically PEFT's.
+"""LoRA and DoRA adapters on the decoder's projections (every backbone's), numerically PEFT's.
 
 VLM2Vec and B3 train PEFT `LoraConfig(use_dora=True, r=8|16, lora_alpha=64, lora_dropout=0.1)` on
 the language model's q/k/v/o/gate/up/down projections. Our decoder fuses q|k|v and gate|up into one
@@ -270,7 +270,7 @@ def set_lora_dropout(model: nnx.Module, key: jax.Array, example_ids: jax.Array |
 
 def merge_lora(model: VisionLanguageModel) -> None:
     """Fold every adapter into its base kernel and put the plain nnx.Linear back (in place), so
-    `hf_export.save_pretrained` writes an ordinary Qwen2-VL checkpoint."""
+    `hf_export.save_pretrained` writes an ordinary checkpoint of the backbone."""
     layers = model.language_model.layers
     merged = False
     for fused in FUSED_GROUPS:

@@ -1,4 +1,5 @@
-"""Qwen2-VL image preprocessing in numpy + PIL, matching transformers' `Qwen2VLImageProcessorPil`.
+"""Qwen2-VL image preprocessing in numpy + PIL, matching transformers' `Qwen2VLImageProcessorPil`
+(which Qwen2.5-VL and Qwen3-VL use too, with their own patch size and normalisation).
 
 The pipeline is the one transformers runs without torchvision: RGB conversion (alpha composited
 onto white), `smart_resize` to a multiple of 28, PIL bicubic resize on uint8, rescale by 1/255,

@@ -141,7 +141,10 @@ class Trainer:
         into the workdir from the training texts."""
         c = self.config
         if not c.model.init:
-            raise ValueError("model.init is empty: set it to a local Hugging Face Qwen2-VL directory, or to 'random'")
+            raise ValueError(
+                "model.init is empty: set it to a local Hugging Face directory of a supported backbone "
+                "(qwen2_vl, qwen2_5_vl, qwen3_vl), or to 'random'"
+            )
         if c.model.init != RANDOM:
             return init_dirs(c.model.init)[1]  # a PEFT adapter's own processor files, else its base's
         out = self.workdir / "model_init"
