@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "qwen3_vl_embedding" (Qwen3-VL-Embedding's chat layout, `instruction` as its system turn).
     config.prompt_format = "raw"
     config.instruction = "Represent the user's input."
+    # Score Matryoshka prefixes of this many dimensions (renormalised); 0 = the full width. The
+    # cache keeps full-width vectors, so evaluating several widths encodes once.
+    config.dim = 0
     # Longest text in tokens (image tokens are never cut); 0 = no limit.
     config.max_len = 0
     # Image pixel bounds for resizing; 0 = the checkpoint's preprocessor_config.json.

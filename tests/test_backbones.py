@@ -35,8 +35,9 @@ CASES = [
     ({"image": [IMG_A, IMG_B], "text": "Compare <|image_pad|> with <|image_pad|>."}, "Compare <|image_pad|> with <|image_pad|>.", [IMG_A, IMG_B]),
 ]
 NEWER = ["qwen2_5_vl", "qwen3_vl"]
-# Qwen3-VL is evaluated in Qwen3-VL-Embedding's chat layout.
+# Qwen3-VL is evaluated in Qwen3-VL-Embedding's chat layout
 PROMPT_FORMAT = {"qwen3_vl": "qwen3_vl_embedding"}
+EVAL_DIM = {"qwen3_vl": 16}  # and at a Matryoshka width (the tiny model is 64 wide)
 # Qwen3-VL-Embedding trains Matryoshka prefixes: its run adds two (the tiny model is 32 wide), so
 # the loss (tests/test_training_gradcache.py checks its value) runs in the sharded GradCache step.
 MATRYOSHKA = {"qwen3_vl": "8,16"}
@@ -177,8 +178,10 @@ def test_evaluation_of_the_backbone(checkpoint, bench, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["eval", "--config", str(REPO / "configs/eval_mmeb.py"), f"--config.model={checkpoint}",
             f"--config.data.root={bench}", f"--config.out={out}", "--config.progress=False",
-            "--config.data.max_rows=8", f"--config.prompt_format={PROMPT_FORMAT.get(model_type, 'raw')}"]
+            "--config.data.max_rows=8", f"--config.prompt_format={PROMPT_FORMAT.get(model_type, 'raw')}",
+            f"--config.dim={EVAL_DIM.get(model_type, 0)}"]
     assert run_cli(eval_main, argv, command="vlm2vec_jax.eval", example_config="configs/eval_mmeb.py") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"]["num_datasets"] > 0 and 0 <= summary["overall"]["acc"] <= 1
-    assert json.loads((out / "config.json").read_text())["prompt_format"] == PROMPT_FORMAT.get(model_type, "raw")
+    written = json.loads((out / "config.json").read_text())
+    assert (written["prompt_format"], written["dim"]) == (PROMPT_FORMAT.get(model_type, "raw"), EVAL_DIM.get(model_type, 0))

@@ -102,6 +102,22 @@ def test_cli_precision_at_1_equals_numpy(tiny_ckpt, bench, reference, tmp_path, 
     assert printed == (out / "summary.md").read_text()
 
 
+def test_matryoshka_width_scores_renormalised_prefixes_from_one_cached_encoding(embedder, queries, tmp_path):
+    """`dim` scores each side's first `dim` entries renormalised (`Embedder.encode(dim=)`), against
+    one np.dot per candidate; the cache keeps full-width vectors, so another width encodes nothing."""
+    rows = {"SynCls": queries["SynCls"]}
+    full = evaluate(embedder, rows, batch_size=BATCH, show_progress=False, cache_dir=tmp_path)
+    short = evaluate(embedder, rows, batch_size=BATCH, show_progress=False, cache_dir=tmp_path, dim=8)["SynCls"]
+    assert short.num_encoded == 0 < full["SynCls"].num_encoded
+    sides = list(dict.fromkeys(s for q in rows["SynCls"] for s in (q.query, *q.candidates)))
+    vectors = dict(zip(sides, embedder.encode([item(s) for s in sides], batch_size=BATCH, dim=8)))
+    expected = [np.argmax([float(np.dot(vectors[c], vectors[q.query])) for c in q.candidates]) for q in rows["SynCls"]]
+    np.testing.assert_array_equal(short.predictions, expected)
+    assert not np.array_equal(short.predictions, full["SynCls"].predictions)  # the width matters here
+    with pytest.raises(ValueError, match=f"dim={embedder.dim + 1}: a Matryoshka dimension must be in 1..{embedder.dim}"):
+        evaluate(embedder, rows, batch_size=BATCH, show_progress=False, dim=embedder.dim + 1)
+
+
 def test_ties_go_to_the_lowest_index(embedder):
     red, blue = Side("a red circle"), Side("a blue square")
     rows = [

@@ -77,6 +77,8 @@ def main(config: ConfigDict) -> int:
             min_pixels=config.min_pixels or None, max_pixels=config.max_pixels or None,
             prompt_format=config.prompt_format, instruction=config.instruction,
         )
+        if config.dim and not 0 < config.dim <= embedder.dim:
+            raise ConfigError(f"config.dim={config.dim}: a Matryoshka width must be in 1..{embedder.dim} (the model's), or 0 for all of it")
         skipped = BadDataReport()
         queries = read_mmeb_eval(
             config.data.root, datasets, split=config.data.split, image_root=image_root,
@@ -84,7 +86,7 @@ def main(config: ConfigDict) -> int:
             max_rows=config.data.max_rows or None, report=skipped,
         )
         corpora = [read_caption_corpus(file, image_root=image_root) for file in _names(config.corpora)]
-        run = dict(batch_size=config.batch_size, cache_dir=cache_dir, show_progress=config.progress and lead)
+        run = dict(batch_size=config.batch_size, cache_dir=cache_dir, show_progress=config.progress and lead, dim=config.dim or None)
         scores = evaluate(embedder, queries, **run)
         corpus_scores = [evaluate_corpus(embedder, corpus, **run) for corpus in corpora]
         summary = summarize(scores, eval_datasets(config.data.root))

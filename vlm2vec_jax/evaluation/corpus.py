@@ -141,15 +141,17 @@ def evaluate_corpus(
     batch_size: int = 16,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    dim: int | None = None,
 ) -> CorpusScore:
-    """Recall@1/5/10 of `embedder` on `corpus`, both directions (see the module docstring)."""
+    """Recall@1/5/10 of `embedder` on `corpus`, both directions (see the module docstring), at the
+    Matryoshka width `dim` (None: full)."""
     table = SideTable()
     image_text = to_backbone_text(prompts.image)
     images = np.array([table.add(Side(image_text, path), row, IMAGE_COLUMN) for row, path in enumerate(corpus.images)])
     caption_rows = [(row, text) for row, texts in enumerate(corpus.captions) for text in texts]
     caption_sides = [Side(to_backbone_text(prompts.caption.format(caption=text))) for _, text in caption_rows]
     captions = np.array([table.add(side, row, CAPTIONS_COLUMN) for side, (row, _) in zip(caption_sides, caption_rows)])
-    encoder = SideEncoder(embedder, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress)
+    encoder = SideEncoder(embedder, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress, dim=dim)
     vectors, encoded = encoder(table, corpus.name)
     owner = np.array([row for row, _ in caption_rows])  # the image row of each caption
     caption_ids = np.arange(len(caption_rows))

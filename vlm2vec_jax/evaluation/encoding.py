@@ -23,6 +23,7 @@ from vlm2vec_jax.embedder import Embedder, Item
 from vlm2vec_jax.evaluation.cache import EmbeddingCache, ImageStamp, item_key
 from vlm2vec_jax.evaluation.parallel import DataParallelEmbedder
 from vlm2vec_jax.evaluation.sides import SideTable
+from vlm2vec_jax.models.pooling import truncate_and_normalize
 from vlm2vec_jax.processing.image import ImageError, load_image
 
 __all__ = ["SideEncoder", "side_item"]
@@ -38,19 +39,24 @@ class SideEncoder:
 
     `cache_dir`: root of the embedding cache (None: no cache). With several processes the cache
     directory must be shared by every host (only process 0 writes it) so they agree on what to encode.
+    `dim`: score Matryoshka prefixes of that width (renormalised); the cache keeps full-width
+    vectors, so every width reuses one encoding.
     """
 
     def __init__(
         self, embedder: Embedder, *, batch_size: int, cache_dir: str | os.PathLike | None = None,
-        show_progress: bool = True,
+        show_progress: bool = True, dim: int | None = None,
     ) -> None:
+        if dim is not None and not 0 < dim <= embedder.dim:
+            raise ValueError(f"dim={dim}: a Matryoshka dimension must be in 1..{embedder.dim} (the model's width)")
+        self.dim = dim
         self.embedder = DataParallelEmbedder(embedder)
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.cache = EmbeddingCache.for_embedder(cache_dir, embedder) if cache_dir is not None else None
 
     def __call__(self, table: SideTable, dataset: str) -> tuple[np.ndarray, int]:
-        """((len(table), D) float32 vectors in table order, number of sides the model encoded)."""
+        """((len(table), D or dim) float32 vectors in table order, number of sides the model encoded)."""
         stamps = [_image_stamp(table, i, dataset) for i in range(len(table))]
         vectors = np.empty((len(table), self.embedder.dim), np.float32)
         keys, found = [], np.zeros(len(table), bool)
@@ -71,6 +77,8 @@ class SideEncoder:
                 raise
             if self.cache is not None and jax.process_index() == 0:
                 self.cache.put([keys[i] for i in todo], vectors[todo])
+        if self.dim is not None:
+            vectors = np.asarray(truncate_and_normalize(vectors, self.dim))
         return vectors, int(todo.size)
 
 

@@ -30,13 +30,15 @@ def evaluate(
     batch_size: int = 16,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    dim: int | None = None,
 ) -> dict[str, DatasetScore]:
     """Precision@1 of `embedder` on each dataset of `queries` (name -> rows), in the order given.
 
+    `dim`: score the vectors' first `dim` entries, renormalised (Matryoshka); None: the full width.
     `cache_dir`: root of the embedding cache (see `cache.py`); None encodes everything. Every host
     of a multi-process run must call this with the same queries. Errors: a missing or undecodable
     image raises `BadDataError` naming dataset, row, column and path."""
-    encoder = SideEncoder(embedder, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress)
+    encoder = SideEncoder(embedder, batch_size=batch_size, cache_dir=cache_dir, show_progress=show_progress, dim=dim)
     scores = {}
     for name, rows in tqdm(queries.items(), desc="datasets", unit="dataset", disable=not show_progress):
         data = index_queries(name, rows)
