@@ -28,7 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vlm2vec_jax.models.lora import merge_lora
-from vlm2vec_jax.models.pooling import truncate_and_normalize
+from vlm2vec_jax.models.pooling import check_matryoshka_dim, truncate_and_normalize
 from vlm2vec_jax.models.peft_adapter import is_adapter_dir, load_adapted, processor_dir
 from vlm2vec_jax.models.hf_export import save_pretrained
 from vlm2vec_jax.models.hf_import import load_pretrained
@@ -174,8 +174,7 @@ class Embedder:
         `<|image_pad|>` and a newline prepended, MMEB's layout (image first, then the instruction).
         `batch_size` is the text rows of a batch: packed, each row holds as many items as fit.
         """
-        if dim is not None and not 0 < dim <= self.dim:
-            raise ValueError(f"dim={dim}: a Matryoshka dimension must be in 1..{self.dim} (the model's width)")
+        check_matryoshka_dim(dim, self.dim)
         items = list(items)
         out = np.empty((len(items), self.dim), np.float32)
         in_flight: deque[tuple[np.ndarray, jax.Array]] = deque()

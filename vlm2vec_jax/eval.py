@@ -31,6 +31,7 @@ from vlm2vec_jax.evaluation import (
     write_report,
 )
 from vlm2vec_jax.models.model_dir import resolve_model_dir
+from vlm2vec_jax.models.pooling import check_matryoshka_dim
 from vlm2vec_jax.processing.prompt_formats import PROMPT_FORMATS
 from vlm2vec_jax.processing.rope_index import ROPE_RULES
 
@@ -77,8 +78,10 @@ def main(config: ConfigDict) -> int:
             min_pixels=config.min_pixels or None, max_pixels=config.max_pixels or None,
             prompt_format=config.prompt_format, instruction=config.instruction,
         )
-        if config.dim and not 0 < config.dim <= embedder.dim:
-            raise ConfigError(f"config.dim={config.dim}: a Matryoshka width must be in 1..{embedder.dim} (the model's), or 0 for all of it")
+        try:
+            check_matryoshka_dim(config.dim or None, embedder.dim)
+        except ValueError as err:
+            raise ConfigError(f"config.{err}, or 0 for all of it") from None
         skipped = BadDataReport()
         queries = read_mmeb_eval(
             config.data.root, datasets, split=config.data.split, image_root=image_root,

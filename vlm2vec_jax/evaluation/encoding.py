@@ -23,7 +23,7 @@ from vlm2vec_jax.embedder import Embedder, Item
 from vlm2vec_jax.evaluation.cache import EmbeddingCache, ImageStamp, item_key
 from vlm2vec_jax.evaluation.parallel import DataParallelEmbedder
 from vlm2vec_jax.evaluation.sides import SideTable
-from vlm2vec_jax.models.pooling import truncate_and_normalize
+from vlm2vec_jax.models.pooling import check_matryoshka_dim, truncate_and_normalize
 from vlm2vec_jax.processing.image import ImageError, load_image
 
 __all__ = ["SideEncoder", "side_item"]
@@ -47,8 +47,7 @@ class SideEncoder:
         self, embedder: Embedder, *, batch_size: int, cache_dir: str | os.PathLike | None = None,
         show_progress: bool = True, dim: int | None = None,
     ) -> None:
-        if dim is not None and not 0 < dim <= embedder.dim:
-            raise ValueError(f"dim={dim}: a Matryoshka dimension must be in 1..{embedder.dim} (the model's width)")
+        check_matryoshka_dim(dim, embedder.dim)
         self.dim = dim
         self.embedder = DataParallelEmbedder(embedder)
         self.batch_size = batch_size

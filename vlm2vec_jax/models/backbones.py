@@ -24,7 +24,7 @@ from vlm2vec_jax.models.qwen3_vl import checkpoint_keys as qwen3_vl_keys
 from vlm2vec_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vlm2vec_jax.models.qwen3_vl.geometries import qwen3vl_2b_config, qwen3vl_8b_config
 from vlm2vec_jax.models.qwen3_vl.model import Qwen3VL
-from vlm2vec_jax.models.tensor_rules import TensorRule
+from vlm2vec_jax.models.tensor_rules import TensorRule, stored_key
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 
 # Any backbone's config: `Qwen2VLConfig` or a subclass of it.
@@ -115,3 +115,9 @@ def build_model(config: ModelConfig, rngs: Any) -> VisionLanguageModel:
 
 def checkpoint_rules(config: ModelConfig) -> list[TensorRule]:
     return backbone_of(config).checkpoint_rules(config)
+
+
+def stored_tensor_specs(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(key as the backbone's checkpoints store it, HF shape) of every tensor, in table order (no LM head)."""
+    layout = config.CHECKPOINT_LAYOUT
+    return [(stored_key(key, layout), shape) for rule in checkpoint_rules(config) for key, shape, _, _ in rule.hf_keys()]

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vlm2vec_jax.models.backbones import checkpoint_rules
+from vlm2vec_jax.models.backbones import checkpoint_rules, stored_tensor_specs
 from vlm2vec_jax.models.tensor_rules import stored_key
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.models.safetensors_files import checkpoint_files, iter_tensors, write_checkpoint_files
@@ -65,8 +65,7 @@ def save_pretrained(model: VisionLanguageModel, out_dir: str | Path, *, source_d
     source_dir = Path(source_dir) if source_dir is not None else None
     config = model.config.to_hf_dict()
     itemsize = model.config.parameter_dtype.itemsize
-    layout = model.config.CHECKPOINT_LAYOUT
-    sizes = [(stored_key(key, layout), itemsize * int(np.prod(shape))) for rule in checkpoint_rules(model.config) for key, shape, _, _ in rule.hf_keys()]
+    sizes = [(key, itemsize * int(np.prod(shape))) for key, shape in stored_tensor_specs(model.config)]
     tensors: Iterator[tuple[str, np.ndarray]] = _hf_tensors(model)
     if not config["tie_word_embeddings"]:
         lm_head = _source_lm_head(source_dir)

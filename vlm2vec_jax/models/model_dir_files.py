@@ -143,6 +143,8 @@ HUB_PREPROCESSOR_CONFIG = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
 }
+
+
 def image_processor_settings(model_type: str = "qwen2_vl") -> dict:
     """The image processor settings a backbone's released models carry (patch, merge, mean/std)."""
     config = backbone_for(model_type).config()

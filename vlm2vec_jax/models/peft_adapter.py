@@ -311,8 +311,8 @@ def peft_target_modules(targets: tuple[str, ...], backbone_config: ModelConfig) 
     names (as VLM2Vec's adapters carry) unless the vision tower has modules of those names
     (Qwen2.5-VL's gate/up/down_proj), where PEFT would adapt them too; then a regex that PEFT
     full-matches against module paths, naming the language model's layers only."""
-    vision_modules = {key.split(".")[-2] for rule in checkpoint_rules(backbone_config) for key, *_ in rule.hf_keys()
-                      if key.startswith("visual.")}
+    vision_modules = {template.split(".")[-2] for rule in checkpoint_rules(backbone_config) for template, _ in rule.parts
+                      if template.startswith("visual.")}
     if not vision_modules & set(targets):
         return list(targets)
     return rf".*\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(targets)})"

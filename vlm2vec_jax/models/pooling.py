@@ -24,3 +24,9 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
 def truncate_and_normalize(x: jnp.ndarray, dim: int) -> jnp.ndarray:
     """Matryoshka dimensions: the first `dim` entries of each vector, back to unit length."""
     return l2_normalize(x[..., :dim])
+
+
+def check_matryoshka_dim(dim: int | None, width: int) -> None:
+    """ValueError unless `dim` is None (the full width) or a prefix width in 1..`width`."""
+    if dim is not None and not 0 < dim <= width:
+        raise ValueError(f"dim={dim}: a Matryoshka dimension must be in 1..{width} (the model's width)")

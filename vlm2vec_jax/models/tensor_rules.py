@@ -56,29 +56,26 @@ def layer_norm_rules(path: Path, prefix: str, dim: int, layers: int | None = Non
     return [vector_rule(path + ("scale",), f"{prefix}.weight", dim, layers), vector_rule(path + ("bias",), f"{prefix}.bias", dim, layers)]
 
 
-# transformers 5.x names modules `model.visual.*` / `model.language_model.*` in memory (and some
-# tools save that way); the hub files use `visual.*` / `model.*`. Both map to the hub layout.
-_IN_MEMORY_PREFIXES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
+# transformers 5.x names modules `model.visual.*` / `model.language_model.*` in memory (Qwen3-VL's
+# checkpoints, and some tools, save that way); the hub files use `visual.*` / `model.*`. Rules are
+# written in the hub layout. (hub prefix, in-memory prefix):
+_LAYOUT_PREFIXES = (("visual.", "model.visual."), ("model.", "model.language_model."))
 # Tensors an embedding model does not use: the LM head and stale rotary buffers of old exports.
 IGNORED_KEYS = re.compile(r"^lm_head\.|\.rotary_emb\.inv_freq$")
 
 
-_HUB_TO_IN_MEMORY = ((re.compile(r"^visual\."), "model.visual."), (re.compile(r"^model\."), "model.language_model."))
+def _swap_prefix(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def stored_key(key: str, layout: str) -> str:
     """A canonical (hub-layout) key as a checkpoint of `layout` ("hub" or "in_memory") names it."""
-    if layout == "hub":
-        return key
-    for pattern, replacement in _HUB_TO_IN_MEMORY:
-        if pattern.match(key):
-            return pattern.sub(replacement, key, count=1)
-    return key
+    return key if layout == "hub" else _swap_prefix(key, _LAYOUT_PREFIXES)
 
 
 def canonical_key(key: str) -> str:
     """The hub-layout name of a checkpoint key written in either layout."""
-    for pattern, replacement in _IN_MEMORY_PREFIXES:
-        if pattern.match(key):
-            return pattern.sub(replacement, key, count=1)
-    return key
+    return _swap_prefix(key, tuple((memory, hub) for hub, memory in _LAYOUT_PREFIXES))

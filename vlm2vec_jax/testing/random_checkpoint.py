@@ -3,11 +3,11 @@
 For memory and speed benchmarks and dry runs at real scale, where the values do not matter but the
 files must be exactly what the hub ships: the backbone's key layout, safetensors shards of at most
 `shard_bytes` with `model.safetensors.index.json`, a config.json transformers accepts, and
-optionally the real Qwen tokenizer and the hub's preprocessor_config.json.
+optionally the real Qwen tokenizer and the backbone's preprocessor_config.json.
 
 The model is never materialised: tensors are generated one at a time from the import/export key
-table (`checkpoint_rules`) and only one shard is held in memory while it is written. Values: std
-0.02 normal for matrices, embeddings and biases; 1 + 0.02 normal for norm scales.
+table (`backbones.stored_tensor_specs`) and only one shard is held in memory while it is written.
+Values: std 0.02 normal for matrices, embeddings and biases; 1 + 0.02 normal for norm scales.
 """
 
 from __future__ import annotations
@@ -19,20 +19,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from vlm2vec_jax.models.backbones import ModelConfig, checkpoint_rules
+from vlm2vec_jax.models.backbones import ModelConfig, stored_tensor_specs
 from vlm2vec_jax.models.safetensors_files import write_checkpoint_files
-from vlm2vec_jax.models.tensor_rules import stored_key
 from vlm2vec_jax.models.model_dir_files import write_qwen2vl_processor_files
 
 # Hub checkpoints are cut at about 4 GB per shard (Qwen2-VL-2B-Instruct: 3.99 GB + 0.43 GB).
 DEFAULT_SHARD_BYTES = 4_000_000_000
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
-
-
-def checkpoint_tensor_specs(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(key as the backbone's checkpoints store it, shape) of every tensor, in table order (no LM head)."""
-    layout = config.CHECKPOINT_LAYOUT
-    return [(stored_key(key, layout), shape) for rule in checkpoint_rules(config) for key, shape, _, _ in rule.hf_keys()]
 
 
 def _random_tensor(key: str, shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
@@ -64,7 +57,7 @@ def write_random_checkpoint(
     np_dtype = np.dtype(_DTYPES[dtype])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = checkpoint_tensor_specs(config)
+    specs = stored_tensor_specs(config)
     sizes = [(key, int(np.prod(shape)) * np_dtype.itemsize) for key, shape in specs]
     tensors = (
         (key, _random_tensor(key, shape, np_dtype, np.random.default_rng([seed, i]))) for i, (key, shape) in enumerate(specs)
@@ -79,5 +72,5 @@ def write_random_checkpoint(
 def iter_random_tensors(config: ModelConfig, *, dtype: str = "bfloat16", seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """The tensors `write_random_checkpoint` writes, one at a time (same values for the same seed)."""
     np_dtype = np.dtype(_DTYPES[dtype])
-    for i, (key, shape) in enumerate(checkpoint_tensor_specs(config)):
+    for i, (key, shape) in enumerate(stored_tensor_specs(config)):
         yield key, _random_tensor(key, shape, np_dtype, np.random.default_rng([seed, i]))

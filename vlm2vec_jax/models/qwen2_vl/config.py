@@ -16,6 +16,7 @@ import numpy as np
 
 from vlm2vec_jax.models.attention import IMPLEMENTATIONS
 
+
 class ConfigError(ValueError):
     """A config.json that does not describe a model this port can run."""
 

@@ -61,22 +61,31 @@ def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs:
     return create(rngs)
 
 
+def _scan_layers(stack: nnx.Module, step: Callable[[nnx.Module, Any, Any], Any], carry: Any, per_layer: Any, remat: bool) -> Any:
+    """`lax.scan` over the stacked layers: `carry = step(layer, carry, per_layer slice)` per layer;
+    `remat` recomputes each layer's activations in the backward pass instead of storing them."""
+    graphdef, state = nnx.split(stack)
+
+    def body(carry: Any, xs: tuple[nnx.State, Any]) -> tuple[Any, None]:
+        layer_state, extra = xs
+        return step(nnx.merge(graphdef, layer_state), carry, extra), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    carry, _ = jax.lax.scan(body, carry, (state, per_layer))
+    return carry
+
+
 def scan_stack(stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, per_layer: Any = None) -> jnp.ndarray:
     """Run x through the stacked layers with `lax.scan`: layer i gets `(x, *args)`, and its slice
     of `per_layer` (arrays with a leading layer axis) as a last argument when that is given;
     `remat` recomputes each layer's activations in the backward pass instead of storing them
     (memory for compute)."""
-    graphdef, state = nnx.split(stack)
 
-    def body(carry: jnp.ndarray, xs: tuple[nnx.State, Any]) -> tuple[jnp.ndarray, None]:
-        layer_state, extra = xs
-        layer = nnx.merge(graphdef, layer_state)
-        return (layer(carry, *args) if per_layer is None else layer(carry, *args, extra)), None
+    def step(layer: nnx.Module, h: jnp.ndarray, extra: Any) -> jnp.ndarray:
+        return layer(h, *args) if per_layer is None else layer(h, *args, extra)
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (state, per_layer))
-    return x
+    return _scan_layers(stack, step, x, per_layer, remat)
 
 
 def scan_stack_capturing(
@@ -88,18 +97,14 @@ def scan_stack_capturing(
     depth = jax.tree.leaves(nnx.state(stack))[0].shape[0]
     slot_of_layer = np.full(depth, -1, np.int32)
     slot_of_layer[list(capture)] = np.arange(len(capture))
-    graphdef, state = nnx.split(stack)
 
-    def body(carry: tuple[jnp.ndarray, jnp.ndarray], xs: tuple[nnx.State, jnp.ndarray]) -> tuple[tuple[jnp.ndarray, jnp.ndarray], None]:
-        (h, captured), (layer_state, slot) = carry, xs
-        h = nnx.merge(graphdef, layer_state)(h, *args)
+    def step(layer: nnx.Module, carry: tuple[jnp.ndarray, jnp.ndarray], slot: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        h, captured = carry
+        h = layer(h, *args)
         index = jnp.maximum(slot, 0)
         kept = jnp.where(slot >= 0, h, jax.lax.dynamic_index_in_dim(captured, index, keepdims=False))
-        return (h, jax.lax.dynamic_update_index_in_dim(captured, kept, index, 0)), None
+        return h, jax.lax.dynamic_update_index_in_dim(captured, kept, index, 0)
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
     # zeros_like keeps x's sharding and, inside shard_map, its varying axes (a scan carry must)
     empty = jnp.broadcast_to(jnp.zeros_like(x), (len(capture), *x.shape))
-    (x, captured), _ = jax.lax.scan(body, (x, empty), (state, jnp.asarray(slot_of_layer)))
-    return x, captured
+    return _scan_layers(stack, step, (x, empty), jnp.asarray(slot_of_layer), remat)

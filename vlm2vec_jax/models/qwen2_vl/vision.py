@@ -107,10 +107,15 @@ class VisionTower(nnx.Module):
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """(merged image tokens (V * R / 4, text hidden), DeepStack features (levels, V * R / 4,
         text hidden) or None for towers without them)."""
-        x = self.patch_embed(pixel_values.astype(self.dtype))
+        x = self.embed_patches(pixel_values, patch_positions, segment_ids)
         cos, sin = vision_rope(patch_positions, self.cfg.head_dim, self.cfg.rope_theta)
         merged = self.merger(self.run_blocks(x, patch_positions, segment_ids, cos, sin))
         return merged.reshape(-1, merged.shape[-1]), None
+
+    def embed_patches(self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+        """(V, R, embed_dim): the patch embedding (a subclass may add position embeddings)."""
+        del patch_positions, segment_ids  # positions enter through the rotary embedding here
+        return self.patch_embed(pixel_values.astype(self.dtype))
 
     def run_blocks(
         self, x: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray

@@ -65,12 +65,15 @@ class DeepStackVisionTower(VisionTower):
         table = self.pos_embed[...]
         return jnp.sum(jnp.take(table, index, axis=0) * weight[..., None].astype(table.dtype), axis=-2)
 
+    def embed_patches(self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+        x = super().embed_patches(pixel_values, patch_positions, segment_ids)
+        return x + self.position_embeddings(patch_positions, segment_ids).astype(x.dtype)
+
     def features(
         self, pixel_values: jnp.ndarray, patch_positions: jnp.ndarray, segment_ids: jnp.ndarray
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.cfg
-        x = self.patch_embed(pixel_values.astype(self.dtype))
-        x = x + self.position_embeddings(patch_positions, segment_ids).astype(x.dtype)
+        x = self.embed_patches(pixel_values, patch_positions, segment_ids)
         cos, sin = vision_rope(patch_positions, cfg.head_dim, cfg.rope_theta)
         mask = SegmentMask.build(segment_ids, causal=False, implementation=self.attention)
         x, captured = scan_stack_capturing(self.blocks, x, mask, cos, sin, remat=self.remat, capture=cfg.deepstack_visual_indexes)
