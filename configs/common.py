@@ -65,7 +65,7 @@ def base() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1  # > 1 shards parameters too (FSDP)
-    c.mesh.tensor = 1  # > 1 splits kernels Megatron-style
+    c.mesh.tensor = 1  # > 1 splits heads and MLP columns Megatron-style (by logical axes; best when it divides kv heads)
 
     c.topology = ml_collections.ConfigDict()  # the target hardware of a dry run (training runs use the devices they find)
     c.topology.devices = 8  # accelerators of the target, simulated as CPU devices; the mesh keys above lay them out

@@ -107,12 +107,15 @@ def test_sharded_checkpoint_loads_the_same_parameters(tiny_ckpt, tiny_ckpt_shard
     _assert_same_params(load_pretrained(tiny_ckpt_sharded), ours)
 
     # Anchor the comparison to the file contents (a loader returning the init would also be
-    # "equal" to itself): fused q|k|v of the last layer, and the Conv3d patch embedding.
+    # "equal" to itself): fused q|k|v of the last layer, grouped by key/value head (each kv head's
+    # query heads, its key, its value: what a tensor-parallel split must keep together), and the
+    # Conv3d patch embedding.
     raw = _hf_tensors(tiny_ckpt)
     params = _params(ours)
-    last = 1
-    qkv = torch.cat([raw[f"model.layers.{last}.self_attn.{n}_proj.weight"] for n in "qkv"]).numpy().T
-    np.testing.assert_array_equal(params["language_model", "layers", "qkv_proj", "kernel"][last], qkv)
+    last, t = 1, ours.config.text
+    q, k, v = (raw[f"model.layers.{last}.self_attn.{n}_proj.weight"].numpy().T for n in "qkv")
+    by_kv_head = [x.reshape(t.hidden_size, t.num_kv_heads, -1, t.head_dim) for x in (q, k, v)]
+    np.testing.assert_array_equal(params["language_model", "layers", "qkv_proj", "kernel"][last], np.concatenate(by_kv_head, axis=2))
     conv = raw["visual.patch_embed.proj.weight"].numpy()
     np.testing.assert_array_equal(params["visual", "patch_embed", "kernel"], conv.reshape(conv.shape[0], -1).T)
 

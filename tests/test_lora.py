@@ -13,8 +13,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from transformers import Qwen2VLForConditionalGeneration
 
 from hf_reference import HFReference, Reference
+from vlm2vec_jax.models.qwen2_vl.text import TextDecoder
 from vlm2vec_jax.models.lora import (
-    FUSED_GROUPS,
     HF_TARGETS,
     LoRAConfig,
     LoRAParam,
@@ -30,6 +30,8 @@ from vlm2vec_jax.models.pooling import l2_normalize, last_token_pool
 from vlm2vec_jax.models.hf_export import save_pretrained
 from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.testing.tiny_checkpoint import tiny_image
+
+LORA_SITES = TextDecoder.LORA_SITES  # the decoder's adapter sites and the HF linears each holds
 
 ATOL = 1e-5
 # Training mode adds the dropped-out (1/(1-p)-scaled) input's product to hidden states up to ~4 in
@@ -133,7 +135,7 @@ def ours_from_peft(ckpt, config: LoRAConfig, ref: HFReference, **load_options) -
     apply_lora(model, config, nnx.Rngs(0))
     modules = peft_modules(ref)
     layers = model.language_model.layers
-    for fused, names in FUSED_GROUPS.items():
+    for fused, names in LORA_SITES.items():
         for name in names:
             if name not in config.targets:
                 continue
@@ -217,7 +219,7 @@ def test_training_mode_with_dropout_matches_peft_given_the_same_masks(tiny_ckpt,
         parameter.requires_grad_(".lora_" in parameter_name)
     inputs = {k: v.double() if v.is_floating_point() else v for k, v in batch.hf_inputs.items()}
     (ref.model.model(**inputs).last_hidden_state * torch.tensor(weights).double()).sum().backward()
-    fused_of = {name: fused for fused, names in FUSED_GROUPS.items() for name in names}
+    fused_of = {name: fused for fused, names in LORA_SITES.items() for name in names}
     for (layer, target), module in peft_modules(ref).items():
         prefix = ("language_model", "layers", fused_of[target], "lora", target)
         pairs = [("a", module.lora_A["default"].weight.grad.T), ("b", module.lora_B["default"].weight.grad.T)]
@@ -268,7 +270,7 @@ def test_fresh_adapters_change_nothing_and_start_where_peft_does(tiny_ckpt, hf, 
     fresh = peft_modules(peft_reference(tiny_ckpt, config, seed=None))
     layers = model.language_model.layers
     hidden = model.config.text.hidden_size
-    for fused, names in FUSED_GROUPS.items():
+    for fused, names in LORA_SITES.items():
         for name in names:
             group = getattr(layers, fused).lora[name]
             a = np.asarray(group.a[...])

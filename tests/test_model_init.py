@@ -31,8 +31,8 @@ def test_init_does_not_depend_on_the_graph_around_a_leaf():
 
 def test_init_is_fan_in_scaled_distinct_per_leaf_and_seeded():
     params = initialised()
-    kernel = params["language_model/layers/o_proj/kernel"]  # (layers, in, out)
-    assert abs(kernel.std() * kernel.shape[-2] ** 0.5 - 1) < 0.1
+    kernel = params["language_model/layers/o_proj/kernel"]  # (layers, heads, head_dim, out): fan in heads x head_dim
+    assert abs(kernel.std() * (kernel.shape[1] * kernel.shape[2]) ** 0.5 - 1) < 0.1
     assert abs(params["language_model/embed_tokens/embedding"].std() - 1) < 0.1
     up, down = params["visual/blocks/fc1/kernel"], params["visual/blocks/fc2/kernel"].transpose(0, 2, 1)
     assert not np.allclose(up * up.shape[-2] ** 0.5, down * down.shape[-1] ** 0.5)  # not one draw reused

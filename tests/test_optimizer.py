@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from train_fixtures import perturbed_dora
 from vlm2vec_jax.models.hf_import import load_pretrained
+from vlm2vec_jax.models.logical_axes import axes_of
 from vlm2vec_jax.training.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from vlm2vec_jax.training.trainable import split_for_training
 
@@ -38,11 +40,16 @@ def test_weight_decay_applies_to_matrices_only(trainable_trees, mode) -> None:
     decayed leaves, by lr * decay * value."""
     params = trainable_trees[mode]
     mask = dict((path_of(p), m) for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params)))
-    shapes = dict((path_of(p), np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params))
-    def per_layer_rank(path: str) -> int:  # layers and vision blocks are stacked on a leading axis
-        return len(shapes[path]) - ("['layers']" in path or "['blocks']" in path)
+    variables = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    axes = {path_of(p) + ".value": axes_of(v) for p, v in variables}
 
-    wrong = {path: shapes[path] for path, decays in mask.items() if decays != (per_layer_rank(path) >= 2)}
+    def is_matrix(path: str) -> bool:
+        """Maps one space to another: its axes span two of them, a head's axes (heads, kv heads,
+        head_dim) being one space, the layer and fused-slot axes none."""
+        spaces = {"head" if "head" in name else name for name in axes[path] if name not in ("layers", "fused")}
+        return len(spaces) >= 2
+
+    wrong = {path: axes[path] for path, decays in mask.items() if decays != is_matrix(path)}
     assert not wrong, f"{mode}: decay mask disagrees with the leaf's kind for {wrong}"
     # full fine-tuning trains biases and norms; DoRA trains adapters and magnitudes
     for kind in ("bias", "norm") if mode == "full" else ("magnitude",):

@@ -31,10 +31,13 @@ from training_runs import environment, finish, flat_numpy, shared_dirs, start, t
 from vlm2vec_jax import Embedder
 from vlm2vec_jax.cli_config import ConfigError, parse_config
 from vlm2vec_jax.models.model_dir import resolve_model_dir
-from vlm2vec_jax.models.lora import FUSED_GROUPS, LoRAParam, lora_config_of, lora_parameter_count
+from vlm2vec_jax.models.qwen2_vl.text import TextDecoder
+from vlm2vec_jax.models.lora import LoRAParam, lora_config_of, lora_parameter_count
 from vlm2vec_jax.models.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_peft_adapter, read_peft_adapter, write_peft_adapter
 from vlm2vec_jax.models.hf_import import load_pretrained
 from vlm2vec_jax.training.loop import Trainer
+
+LORA_SITES = TextDecoder.LORA_SITES  # the decoder's adapter sites and the HF linears each holds
 
 
 @jax.jit(static_argnums=0)
@@ -336,7 +339,7 @@ def test_training_starts_from_a_peft_adapter(tiny_ckpt, trained_export, tmp_path
     params = flat_numpy(trainer.state.params)
     assert len(params) == len(adapter.tensors) == 7 * 3
     for (target, leaf), value in adapter.tensors.items():
-        fused = next(f for f, names in FUSED_GROUPS.items() if target in names)
+        fused = next(f for f, names in LORA_SITES.items() if target in names)
         np.testing.assert_array_equal(params[f"language_model/layers/{fused}/lora/{target}/{leaf}"], value, err_msg=f"{target} {leaf}")
     again = read_peft_adapter(trainer.export(tmp_path / "again"))
     assert again.base == str(tiny_ckpt) and again.config == adapter.config
@@ -347,6 +350,6 @@ def test_training_starts_from_a_peft_adapter(tiny_ckpt, trained_export, tmp_path
     params = flat_numpy(full.state.params)
     assert not [name for name in params if "/lora/" in name]
     merged = flat_numpy(nnx.state(Embedder.from_pretrained(trained_export).model, nnx.Param))
-    for fused in FUSED_GROUPS:
+    for fused in LORA_SITES:
         kernel = f"language_model/layers/{fused}/kernel"
         np.testing.assert_array_equal(params[kernel], merged[kernel], err_msg=kernel)

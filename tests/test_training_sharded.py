@@ -103,6 +103,8 @@ def test_the_runs_really_use_their_layouts(runs) -> None:
 
     sharded = _saved_layout(runs["fsdp2_tp2"])
     layers = "params.language_model.layers"
-    assert sharded[f"{layers}.qkv_proj.kernel"] == [None, "fsdp", "tensor"]  # column-parallel
-    assert sharded[f"{layers}.o_proj.kernel"] == [None, "tensor", "fsdp"]  # row-parallel
+    # (layers, embed, kv_heads, q|k|v slot, head_dim): column-parallel by key/value head
+    assert sharded[f"{layers}.qkv_proj.kernel"] == [None, "fsdp", "tensor", None, None]
+    # (layers, heads, head_dim, embed): row-parallel by query head
+    assert sharded[f"{layers}.o_proj.kernel"] == [None, "tensor", None, "fsdp"]
     assert sharded["params.language_model.embed_tokens.embedding"] == ["fsdp", None]

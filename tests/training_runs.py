@@ -47,7 +47,7 @@ TINY = {
     "model.architecture.text_hidden": 32,
     "model.architecture.text_layers": 1,
     "model.architecture.heads": 2,
-    "model.architecture.kv_heads": 1,
+    "model.architecture.kv_heads": 2,  # divisible by the sharded runs' tensor size: q|k|v splits by kv head
     "model.architecture.intermediate": 64,
     "model.architecture.vision_dim": 16,
     "model.architecture.vision_depth": 1,
@@ -361,13 +361,14 @@ def split_key_biases(flat: dict[str, np.ndarray], config) -> tuple[dict[str, np.
     """(`flat` with the key-bias parts cut out of `KEY_BIASES`, those parts alone), from the run's
     `model.architecture` (a randomly initialised run)."""
     a = config.model.architecture
-    head_dim = a.text_hidden // a.heads
-    spans = {KEY_BIASES[0]: (a.heads * head_dim, (a.heads + a.kv_heads) * head_dim), KEY_BIASES[1]: (a.vision_dim, 2 * a.vision_dim)}
+    # (index, axis) of the key part: the decoder's (layers, kv_heads, q-per-kv + 2, head_dim) bias
+    # holds each kv head's key after its queries; the tower's (layers, 3, heads, head_dim) is q|k|v
+    where = {KEY_BIASES[0]: (a.heads // a.kv_heads, -2), KEY_BIASES[1]: (1, -3)}
     rest, keys = dict(flat), {}
-    for name, (lo, hi) in spans.items():
+    for name, (index, axis) in where.items():
         x = rest.pop(name)
-        rest[f"{name}[q,v]"] = np.concatenate([x[..., :lo], x[..., hi:]], axis=-1)
-        keys[f"{name}[k]"] = x[..., lo:hi]
+        rest[f"{name}[q,v]"] = np.delete(x, index, axis=axis)
+        keys[f"{name}[k]"] = np.take(x, index, axis=axis)
     return rest, keys
 
 

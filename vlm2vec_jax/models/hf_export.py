@@ -38,11 +38,9 @@ def _hf_tensors(model: VisionLanguageModel) -> Iterator[tuple[str, np.ndarray]]:
     for rule in checkpoint_rules(model.config):
         leaf = np.asarray(jax.device_get(leaves[rule.path]))
         for key, shape, layer, part in rule.hf_keys():
-            value = leaf if layer is None else leaf[layer]
-            if len(rule.parts) > 1:
-                start = rule.part_offset(part)
-                value = value[..., start : start + rule.part_width(part)]
-            yield stored_key(key, layout), np.ascontiguousarray(value.T.reshape(shape) if rule.is_kernel else value)
+            value = rule.part_of(leaf if layer is None else leaf[layer], part)
+            value = value.reshape(-1, shape[0]).T if rule.is_kernel else value
+            yield stored_key(key, layout), np.ascontiguousarray(value.reshape(shape))
 
 
 def _source_lm_head(source_dir: Path | None) -> np.ndarray | None:

@@ -1,10 +1,12 @@
 """LoRA and DoRA adapters on the decoder's projections (every backbone's), numerically PEFT's.
 
 VLM2Vec and B3 train PEFT `LoraConfig(use_dora=True, r=8|16, lora_alpha=64, lora_dropout=0.1)` on
-the language model's q/k/v/o/gate/up/down projections. Our decoder fuses q|k|v and gate|up into one
-stacked (scanned) linear each, so one `LoRALinear` wraps a fused linear and adapts each targeted
-column group on its own, exactly as PEFT adapts the separate HF linears; untargeted groups stay
-plain base columns. Every adapter parameter has a leading layer axis like the rest of the stack.
+the language model's q/k/v/o/gate/up/down projections. Where adapters may go is the model's word
+(`VisionLanguageModel.lora_sites`); our decoder fuses q|k|v and gate|up into one stacked (scanned)
+`Projection` each, so one `LoRALinear` wraps a fused projection and adapts each targeted group on
+its own, flattened to the (fan in, width) matrix of the HF linear, exactly as PEFT adapts the
+separate linears; untargeted groups stay plain. Adapter A/B/magnitude keep PEFT's flat shapes
+with a leading layer axis like the rest of the stack, and name their axes after the kernel's.
 
 Dropout is a pure function of (step key, example id, position of the token inside its own
 sequence, layer, target): never of which other sequences share the batch or the row, nor of the
@@ -23,18 +25,14 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
+from vlm2vec_jax.models.logical_axes import BATCH, FUSED, LAYERS, LENGTH, LORA_RANK, axes_of, param
+from vlm2vec_jax.models.projection import Projection
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 
 # PEFT's target names, in a fixed order: a target's index here is its dropout stream.
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Our fused decoder linears and the HF projections they hold, in column order.
-FUSED_GROUPS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +76,10 @@ class LoRAGroup(nnx.Module):
     magnitude (layers, out). Stored float32 whatever the base dtype, as PEFT's
     `autocast_adapter_dtype` does, so the optimizer updates small values precisely."""
 
-    def __init__(self, a: jax.Array, b: jax.Array, magnitude: jax.Array | None):
-        self.a = LoRAParam(a)
-        self.b = LoRAParam(b)
-        self.magnitude = LoRAParam(magnitude) if magnitude is not None else None
+    def __init__(self, a: jax.Array, b: jax.Array, magnitude: jax.Array | None, in_axis: str | None, out_axis: str | None):
+        self.a = param(a, (LAYERS, in_axis, LORA_RANK), LoRAParam)
+        self.b = param(b, (LAYERS, LORA_RANK, out_axis), LoRAParam)
+        self.magnitude = param(magnitude, (LAYERS, out_axis), LoRAParam) if magnitude is not None else None
 
 
 def dropout(x: jax.Array, keys: jax.Array, stream: int, rate: float) -> jax.Array:
@@ -101,32 +99,48 @@ def _adapted_kernel(kernel: jax.Array, group: LoRAGroup, scale: float) -> jax.Ar
     return kernel.astype(jnp.float32) + scale * (group.a[...] @ group.b[...])
 
 
-class LoRALinear(nnx.Module):
-    """A fused stacked nnx.Linear whose targeted column groups carry LoRA/DoRA updates."""
+def _layout(base: Projection, names: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    """(HF name, start, size) of each linear `base` holds along its slot axis (0, 0: all of it)."""
+    names = tuple(names)
+    if base.groups is None:
+        if len(names) != 1:
+            raise ValueError(f"a plain projection holds one linear, not {list(names)}")
+        return ((names[0], 0, 0),)
+    layout = tuple((name, start, size) for name, start, size in base.group_layout())
+    if tuple(name for name, _, _ in layout) != names:
+        raise ValueError(f"the projection holds {[n for n, _, _ in layout]}, not {list(names)}")
+    return layout
 
-    def __init__(self, base: nnx.Linear, layout: Sequence[tuple[str, int]], config: LoRAConfig, rngs: nnx.Rngs):
-        layers, fan_in, fan_out = base.kernel.shape
-        if sum(width for _, width in layout) != fan_out:
-            raise ValueError(f"column groups {list(layout)} do not add up to the linear's {fan_out} outputs")
+
+class LoRALinear(nnx.Module):
+    """A stacked `Projection` whose targeted groups (HF linears) carry LoRA/DoRA updates."""
+
+    def __init__(self, base: Projection, names: Sequence[str], config: LoRAConfig, rngs: nnx.Rngs):
         self.base = base
-        self.layout = tuple((name, width) for name, width in layout)
+        self.layout = _layout(base, names)
         self.config = config  # static: what `lora_config_of` returns (and a PEFT export writes)
         self.scale, self.rate, self.use_dora = config.scale, config.dropout, config.use_dora
-        groups, start = {}, 0
-        for name, width in self.layout:
+        kernel = base.kernel[...]
+        layers, fan_in = kernel.shape[0], base.fan_in
+        # adapter axes: the kernel's leading input axis, its leading output axis past the slot axis
+        kernel_axes = axes_of(base.kernel)[1:]
+        in_axis = kernel_axes[0]
+        out_axis = next(a for a in kernel_axes[len(base.in_shape):] if a != FUSED)
+        groups = {}
+        for name, start, size in self.layout:
             if name in config.targets:
+                columns = base.flat_kernel(base.select(kernel, start, size)).astype(jnp.float32)  # (layers, in, width)
                 # PEFT's init_lora_weights=True: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(+-1/sqrt(in)); B = 0.
                 bound = 1.0 / math.sqrt(fan_in)
                 a = jax.random.uniform(rngs.params(), (layers, fan_in, config.rank), jnp.float32, -bound, bound)
-                b = jnp.zeros((layers, config.rank, width), jnp.float32)
+                b = jnp.zeros((layers, config.rank, columns.shape[-1]), jnp.float32)
                 # DoRA's magnitude starts at the column norm of W (+ the zero update).
-                columns = base.kernel[..., start : start + width].astype(jnp.float32)
                 magnitude = jnp.linalg.norm(columns, axis=1) if config.use_dora else None
-                groups[name] = LoRAGroup(a, b, magnitude)
-            start += width
+                groups[name] = LoRAGroup(a, b, magnitude, in_axis, out_axis)
         self.lora = nnx.Dict(groups)
         key_shape = jax.random.key_data(jax.random.key(0)).shape
-        self.dropout_keys = LoRADropoutKeys(jnp.zeros((layers, 0, 0, *key_shape), jnp.uint32))
+        keys = jnp.zeros((layers, 0, 0, *key_shape), jnp.uint32)
+        self.dropout_keys = param(keys, (LAYERS, BATCH, LENGTH) + (None,) * len(key_shape), LoRADropoutKeys)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """One layer's slice (the stack is scanned or indexed first): x (B, ..., in) -> (B, ..., out)."""
@@ -140,22 +154,23 @@ class LoRALinear(nnx.Module):
                 f"{x.shape[0]} x {x.shape[1]}; call set_lora_dropout with this batch's example ids and positions "
                 "(inference computes one token in the last layer: turn dropout off with example_ids=None)"
             )
-        pieces, start = [], 0
-        for name, width in self.layout:
-            piece = y[..., start : start + width]
+        pieces = []
+        for name, start, size in self.layout:
+            piece = self.base.select(y, start, size)
             if name in self.lora:
-                piece = piece + self._update(name, x, piece, start, width, keys)
+                piece = piece + self._update(name, x, piece, start, size, keys).reshape(piece.shape)
             pieces.append(piece)
-            start += width
-        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
+        return self.base.join(pieces)
 
-    def _update(self, name: str, x: jax.Array, base_out: jax.Array, start: int, width: int, keys: jax.Array | None) -> jax.Array:
-        """What PEFT's Linear.forward adds to base(x) for one target (lora/layer.py, lora/dora.py)."""
+    def _update(self, name: str, x: jax.Array, base_out: jax.Array, start: int, size: int, keys: jax.Array | None) -> jax.Array:
+        """What PEFT's Linear.forward adds to base(x) for one target (lora/layer.py, lora/dora.py),
+        on the flat (..., fan in) input and (..., width) output of the HF linear."""
         group = self.lora[name]
+        base, x = self.base, self.base.flat_input(x)
         if keys is not None:
             x = dropout(x, keys, HF_TARGETS.index(name), self.rate)
-        kernel = self.base.kernel[..., start : start + width]
-        x, a, b, kernel = self.base.promote_dtype((x, group.a[...], group.b[...], kernel), dtype=self.base.dtype)
+        kernel = base.flat_kernel(base.select(base.kernel[...], start, size))
+        x, a, b, kernel = promote_dtype((x, group.a[...], group.b[...], kernel), dtype=base.dtype)
         lora = ((x @ a) @ b) * self.scale
         if not self.use_dora:
             return lora
@@ -163,7 +178,8 @@ class LoRALinear(nnx.Module):
         norm = jax.lax.stop_gradient(jnp.linalg.norm(_adapted_kernel(kernel, group, self.scale), axis=0))
         s = (group.magnitude[...] / norm).astype(lora.dtype)
         if keys is None:  # PEFT reuses base(x) without its bias when no dropout is applied
-            plain = base_out if self.base.bias is None else base_out - self.base.bias[...][start : start + width].astype(base_out.dtype)
+            plain = base_out if base.bias is None else base_out - base.select(base.bias[...], start, size).astype(base_out.dtype)
+            plain = plain.reshape(lora.shape)
         else:
             plain = x @ kernel
         return (s - 1) * plain + s * lora
@@ -171,41 +187,29 @@ class LoRALinear(nnx.Module):
     def merged_kernel(self) -> jax.Array:
         """The stacked kernel with every update folded in: W + scale A B for LoRA, and for DoRA
         (m / ||W + scale A B||) (W + scale A B) per output column (PEFT's merge)."""
-        kernel = self.base.kernel[...]
-        pieces, start = [], 0
-        for name, width in self.layout:
-            piece = kernel[..., start : start + width]
+        base, kernel = self.base, self.base.kernel[...]
+        pieces = []
+        for name, start, size in self.layout:
+            piece = base.select(kernel, start, size)
             if name in self.lora:
                 group = self.lora[name]
-                adapted = _adapted_kernel(piece, group, self.scale)
+                adapted = _adapted_kernel(base.flat_kernel(piece), group, self.scale)
                 if self.use_dora:
                     adapted = adapted * (group.magnitude[...] / jnp.linalg.norm(adapted, axis=1))[:, None, :]
-                piece = adapted.astype(kernel.dtype)
+                piece = adapted.reshape(piece.shape).astype(kernel.dtype)
             pieces.append(piece)
-            start += width
-        return jnp.concatenate(pieces, axis=-1)
-
-
-def _group_widths(model: VisionLanguageModel) -> dict[str, int]:
-    t = model.config.text
-    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    return dict(
-        q_proj=q, k_proj=kv, v_proj=kv, o_proj=t.hidden_size,
-        gate_proj=t.intermediate_size, up_proj=t.intermediate_size, down_proj=t.hidden_size,
-    )
+        return base.join(pieces)
 
 
 def apply_lora(model: VisionLanguageModel, config: LoRAConfig, rngs: nnx.Rngs) -> None:
-    """Wrap (in place) each decoder linear holding a target in a `LoRALinear`; the vision tower is
-    untouched. Dropout is off until `set_lora_dropout` is called with example ids."""
-    layers = model.language_model.layers
-    widths = _group_widths(model)
-    for fused, names in FUSED_GROUPS.items():
-        base = getattr(layers, fused)
+    """Wrap (in place) each of the model's LoRA sites holding a target in a `LoRALinear`; the
+    vision tower is untouched. Dropout is off until `set_lora_dropout` is called with example ids."""
+    for owner, attribute, names in model.lora_sites():
+        base = getattr(owner, attribute)
         if isinstance(base, LoRALinear):
-            raise ValueError(f"language_model.layers.{fused} already has adapters; merge_lora first")
+            raise ValueError(f"{attribute} already has adapters; merge_lora first")
         if any(name in config.targets for name in names):
-            setattr(layers, fused, LoRALinear(base, [(name, widths[name]) for name in names], config, rngs))
+            setattr(owner, attribute, LoRALinear(base, names, config, rngs))
 
 
 def lora_adapters(model: nnx.Module) -> Iterator[LoRALinear]:
@@ -271,13 +275,12 @@ def set_lora_dropout(model: nnx.Module, key: jax.Array, example_ids: jax.Array |
 def merge_lora(model: VisionLanguageModel) -> None:
     """Fold every adapter into its base kernel and put the plain nnx.Linear back (in place), so
     `hf_export.save_pretrained` writes an ordinary checkpoint of the backbone."""
-    layers = model.language_model.layers
     merged = False
-    for fused in FUSED_GROUPS:
-        adapter = getattr(layers, fused)
+    for owner, attribute, _ in model.lora_sites():
+        adapter = getattr(owner, attribute)
         if isinstance(adapter, LoRALinear):
             adapter.base.kernel.set_value(adapter.merged_kernel())
-            setattr(layers, fused, adapter.base)
+            setattr(owner, attribute, adapter.base)
             merged = True
     if not merged:
         raise ValueError("the model has no LoRA adapters to merge")

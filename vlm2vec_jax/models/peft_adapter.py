@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlm2vec_jax.models.lora import FUSED_GROUPS, HF_TARGETS, LoRAConfig, LoRALinear, apply_lora, lora_config_of
+from vlm2vec_jax.models.lora import HF_TARGETS, LoRAConfig, LoRALinear, apply_lora, lora_config_of
 from vlm2vec_jax.models.backbones import ModelConfig, backbone_of, checkpoint_rules
 from vlm2vec_jax.models.hf_export import SIDECAR_FILES
 from vlm2vec_jax.models.hf_import import load_pretrained
@@ -250,18 +250,17 @@ def apply_peft_adapter(model: VisionLanguageModel, adapter: PeftAdapter, *, drop
     """Add the adapter to `model` (in place) as trainable `LoRALinear` groups holding the file's
     values; `dropout` replaces the file's lora_dropout (a training choice, not part of the adapter)."""
     config = adapter.config if dropout is None else dataclasses.replace(adapter.config, dropout=dropout)
-    layers_module = model.language_model.layers
     if adapter.num_layers != model.config.text.num_layers:
         raise ValueError(
             f"{adapter.directory / ADAPTER_WEIGHTS}: adapters for {adapter.num_layers} layers but the base model has "
             f"{model.config.text.num_layers}: the adapter was trained on another base"
         )
     apply_lora(model, config, nnx.Rngs(0))
-    for fused, names in FUSED_GROUPS.items():
+    for owner, attribute, names in model.lora_sites():
         for name in names:
             if name not in config.targets:
                 continue
-            group = getattr(layers_module, fused).lora[name]
+            group = getattr(owner, attribute).lora[name]
             for leaf in ("a", "b", "magnitude") if config.use_dora else ("a", "b"):
                 variable = getattr(group, leaf)
                 value = adapter.tensors[(name, leaf)]
@@ -288,9 +287,8 @@ def load_adapted(
 def _peft_tensors(model: VisionLanguageModel) -> dict[str, np.ndarray]:
     """PEFT's state dict (adapter name stripped) of the model's adapters, per layer and projection."""
     out: dict[str, np.ndarray] = {}
-    layers_module = model.language_model.layers
-    for fused in FUSED_GROUPS:
-        adapter = getattr(layers_module, fused)
+    for owner, attribute, _ in model.lora_sites():
+        adapter = getattr(owner, attribute)
         if not isinstance(adapter, LoRALinear):
             continue
         for name, group in adapter.lora.items():

@@ -2,14 +2,17 @@
 the helpers every backbone's table is written with.
 
 One table per backbone serves import and export. A rule names a leaf of our state, the HF
-tensor(s) it is made of (fused leaves such as qkv_proj concatenate several HF tensors along their
-output axis) and the HF shape of each, so a misshaped tensor is caught by name. Kernels are stored
-(in, out) here and (out, in) in HF; a patch embedding's Conv3d weight flattens to a
-(patch_dim, embed) kernel.
+tensor(s) it is made of and the HF shape of each, so a misshaped tensor is caught by name. A fused
+leaf (`models/projection.py`: q|k|v, gate|up) holds its HF tensors side by side along its slot
+axis (the second-last), `slots` giving each one's size there. Kernels are HF's (out, in) matrix
+transposed and reshaped to our leaf's structured (*in, *out) shape (a row-major reshape: the
+orders agree); a patch embedding's Conv3d weight flattens to a (patch_dim, embed) kernel.
 """
 
 import dataclasses
 import re
+
+import numpy as np
 
 Path = tuple[str, ...]
 
@@ -22,6 +25,7 @@ class TensorRule:
     parts: tuple[tuple[str, tuple[int, ...]], ...]
     is_kernel: bool
     layers: int | None = None
+    slots: tuple[int, ...] | None = None  # each part's size along the leaf's slot axis (fused leaves)
 
     def hf_keys(self) -> list[tuple[str, tuple[int, ...], int | None, int]]:
         """(HF key, HF shape, layer index or None, part number) for every source tensor."""
@@ -32,19 +36,26 @@ class TensorRule:
             for part, (template, shape) in enumerate(self.parts)
         ]
 
-    def part_width(self, part: int) -> int:
-        """Size of a part along our leaf's last axis (the output axis)."""
-        return self.parts[part][1][0]
+    def part_of(self, leaf: np.ndarray, part: int) -> np.ndarray:
+        """The view of `leaf` (one layer's, or an unstacked leaf) that HF tensor `part` fills."""
+        if self.slots is None:
+            return leaf
+        start = sum(self.slots[:part])
+        return leaf[..., start : start + self.slots[part], :]
 
-    def part_offset(self, part: int) -> int:
-        return sum(self.part_width(p) for p in range(part))
 
-
-def linear_rules(path: Path, prefix: str, names: list[tuple[str, int]], fan_in: int, bias: bool, layers: int | None) -> list[TensorRule]:
-    kernel = TensorRule(path + ("kernel",), tuple((f"{prefix}{n}.weight", (out, fan_in)) for n, out in names), True, layers)
+def linear_rules(
+    path: Path, prefix: str, names: list[tuple[str, int]], fan_in: int, bias: bool, layers: int | None,
+    slots: tuple[int, ...] | None = None,
+) -> list[TensorRule]:
+    """A linear's kernel (and bias) rules; several `names` (HF name, output width) make a fused
+    leaf, `slots` their sizes along its slot axis."""
+    if (len(names) > 1) != (slots is not None):
+        raise ValueError(f"{'.'.join(path)}: a fused leaf (several HF tensors) needs slots, a plain one none")
+    kernel = TensorRule(path + ("kernel",), tuple((f"{prefix}{n}.weight", (out, fan_in)) for n, out in names), True, layers, slots)
     if not bias:
         return [kernel]
-    biases = TensorRule(path + ("bias",), tuple((f"{prefix}{n}.bias", (out,)) for n, out in names), False, layers)
+    biases = TensorRule(path + ("bias",), tuple((f"{prefix}{n}.bias", (out,)) for n, out in names), False, layers, slots)
     return [kernel, biases]
 
 

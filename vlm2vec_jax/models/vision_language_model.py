@@ -22,6 +22,8 @@ class VisionLanguageModel(nnx.Module):
 
     vision_tower: ClassVar[type[nnx.Module]]
     decoder: ClassVar[type[nnx.Module]]
+    # The vision tower's parameters (what `train.freeze_vision` freezes): everything under `visual`.
+    VISION_PARAMETERS: ClassVar[nnx.filterlib.Filter] = nnx.All(nnx.Param, nnx.PathContains("visual"))
 
     def __init__(self, config: Any, *, rngs: nnx.Rngs):
         dims = dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype, remat=config.remat, rngs=rngs)
@@ -29,6 +31,12 @@ class VisionLanguageModel(nnx.Module):
         self.visual = self.vision_tower(config.vision, **dims)
         self.language_model = self.decoder(config.text, **dims)
         self.config = config
+
+    def lora_sites(self) -> list[tuple[nnx.Module, str, tuple[str, ...]]]:
+        """Where LoRA adapters may go: (module, attribute holding a stacked `Projection`, the HF
+        linears it holds): the decoder's projections (`LORA_SITES`), never the vision tower's."""
+        layers = self.language_model.layers
+        return [(layers, attribute, names) for attribute, names in self.decoder.LORA_SITES.items()]
 
     def input_embeddings(self, batch: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """(token embeddings with each image_pad replaced by its merged vision token, the tower's

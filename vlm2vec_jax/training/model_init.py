@@ -18,6 +18,7 @@ from flax import nnx
 from vlm2vec_jax.models.peft_adapter import base_dir, is_adapter_dir, load_adapted, processor_dir
 from vlm2vec_jax.models.backbones import build_model, read_config
 from vlm2vec_jax.models.hf_import import load_pretrained
+from vlm2vec_jax.models.projection import Projection
 from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 from vlm2vec_jax.models.model_dir_files import build_tiny_tokenizer, preprocessor_config, tiny_hf_config
 
@@ -57,11 +58,14 @@ def scale_init_(model: nnx.Module, seed: int) -> None:
     then collapsed here (every embedding equal, loss ln(batch), zero gradient). Fan-in scaling keeps
     activations O(1) through every layer. Each leaf's draw is keyed by its path (`_path_key`)."""
     key = jax.random.key(seed)
-    for path, variable in nnx.iter_graph(model):
-        if not isinstance(variable, nnx.Param) or not path or path[-1] not in ("kernel", "embedding"):
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Projection):
+            variable, std, path = node.kernel, node.fan_in**-0.5, (*path, "kernel")
+        elif isinstance(node, nnx.Embed):
+            variable, std, path = node.embedding, 1.0, (*path, "embedding")
+        else:
             continue
         value = variable[...]
-        std = 1.0 if path[-1] == "embedding" else value.shape[-2] ** -0.5
         variable.set_value((std * jax.random.normal(_path_key(key, path), value.shape)).astype(value.dtype))
 
 

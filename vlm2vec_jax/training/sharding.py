@@ -3,8 +3,11 @@
 Mesh axes ('data', 'fsdp', 'tensor'). The batch is split over ('data', 'fsdp') together. ZeRO-2:
 parameters replicated, gradients and optimizer state sharded over the batch axes (each leaf along
 its largest dimension that divides evenly; leaves too small to split stay replicated). FSDP
-(`fsdp` > 1) also shards the parameters over 'fsdp'; `tensor` > 1 splits kernels Megatron-style
-(column-parallel in, row-parallel out), leaving the collectives to XLA's SPMD partitioner.
+(`fsdp` > 1) also shards the parameters over 'fsdp'; `tensor` > 1 splits them Megatron-style by
+their logical axes (`LOGICAL_AXIS_RULES`: attention heads and MLP columns; the fused q|k|v is
+grouped by key/value head, so a split gives each device whole attention groups), leaving the
+collectives to XLA's SPMD partitioner. A parameter whose head or MLP axis the tensor size does not
+divide stays whole on every device (correct, just not split).
 """
 
 from __future__ import annotations
@@ -16,13 +19,19 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vlm2vec_jax.models.logical_axes import FUSED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, Axes
 from vlm2vec_jax.training.chunks import row_axis
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-# Kernels split along their output (column-parallel) or input (row-parallel) axis over 'tensor'.
-COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj", "qkv", "fc1")
-ROW_PARALLEL = ("o_proj", "down_proj", "proj", "fc2")
+# Logical axis -> mesh axis. Heads and MLP columns go over 'tensor': a projection into them is
+# column-parallel, one out of them row-parallel (one all-reduce after each attention and MLP).
+LOGICAL_AXIS_RULES: tuple[tuple[str, str], ...] = ((HEADS, "tensor"), (KV_HEADS, "tensor"), (MLP, "tensor"))
+# Never split: a scanned axis is sliced per layer, and a split one would be gathered every layer.
+UNSPLIT_AXES = (LAYERS,)
+# Not split by FSDP: within a head and across the fused slots (an FSDP split of head_dim made the
+# partitioner reshard whole activations: 4.8x the device memory of the 2B recipe's dry run).
+FSDP_WHOLE_AXES = (HEAD_DIM, FUSED)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -74,20 +83,22 @@ def zero2_spec(shape: Sequence[int], mesh: Mesh) -> P:
     return P(*spec)
 
 
-def param_spec(path: tuple[str, ...], shape: Sequence[int], mesh: Mesh, stacked: bool) -> P:
-    """Parameter layout: replicated, plus 'tensor' on Megatron's axis and 'fsdp' on the largest
-    remaining even dimension. `stacked` leaves (scanned layers) never split their layer axis."""
+def param_spec(axes: Axes, shape: Sequence[int], mesh: Mesh) -> P:
+    """Parameter layout from its logical axes: 'tensor' on its first axis `LOGICAL_AXIS_RULES` maps
+    there (when the tensor size divides it), 'fsdp' on the largest remaining even dimension that
+    may be split."""
     spec: list[Any] = [None] * len(shape)
-    names = set(path)
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    if tensor > 1 and path[-1] == "kernel" and len(shape) >= 2:
-        dim = len(shape) - (1 if names & set(COLUMN_PARALLEL) else 2 if names & set(ROW_PARALLEL) else len(shape) + 1)
-        if 0 <= dim < len(shape) and shape[dim] % tensor == 0:
-            spec[dim] = "tensor"
+    rules = dict(LOGICAL_AXIS_RULES)
+    if tensor > 1:
+        for dim, name in enumerate(axes):
+            if rules.get(name) == "tensor" and shape[dim] % tensor == 0:
+                spec[dim] = "tensor"
+                break
     if fsdp > 1:
-        free = [d for d in range(int(stacked), len(shape)) if spec[d] is None]
-        dim = shard_dim([shape[d] if d in free else 0 for d in range(len(shape))], fsdp)
-        if dim is not None and dim in free:
+        free = [shape[d] if spec[d] is None and axes[d] not in UNSPLIT_AXES + FSDP_WHOLE_AXES else 0 for d in range(len(shape))]
+        dim = shard_dim(free, fsdp)
+        if dim is not None:
             spec[dim] = "fsdp"
     return P(*spec)
 

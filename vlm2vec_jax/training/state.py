@@ -10,11 +10,11 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flax import nnx
+
+from vlm2vec_jax.models.logical_axes import axes_of
 from vlm2vec_jax.training.sharding import param_spec, zero2_spec
 from vlm2vec_jax.training.step import TrainState
-
-# Stacked (scanned) layer collections: their leading axis is the layer index.
-STACKED = ("layers", "blocks")
 
 
 def leaf_names(path: tuple) -> tuple[str, ...]:
@@ -23,13 +23,19 @@ def leaf_names(path: tuple) -> tuple[str, ...]:
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
-    """Parameter layout (`sharding.param_spec`) for every leaf of an nnx State."""
+    """Parameter layout (`sharding.param_spec`, from each variable's logical axes) for every
+    variable of an nnx State: the same tree, each variable holding its NamedSharding."""
 
-    def sharding(path: tuple, x: Any) -> NamedSharding:
-        names = leaf_names(path)
-        return NamedSharding(mesh, param_spec(names, x.shape, mesh, stacked=bool(set(names) & set(STACKED))))
+    def sharding(path: tuple, variable: nnx.Variable) -> nnx.Variable:
+        axes = axes_of(variable)
+        if axes is None:
+            raise ValueError(
+                f"{'/'.join(leaf_names(path))} carries no logical axes: make every model variable with "
+                "models/logical_axes.param (or flax's out_sharding metadata)"
+            )
+        return variable.replace(NamedSharding(mesh, param_spec(axes, variable.get_value().shape, mesh)))
 
-    return jax.tree_util.tree_map_with_path(sharding, params)
+    return jax.tree_util.tree_map_with_path(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def abstract_train_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:

@@ -17,11 +17,11 @@ from vlm2vec_jax.models.vision_language_model import VisionLanguageModel
 MODES = ("lora", "full")
 
 
-def trainable_filter(mode: str, freeze_vision: bool) -> nnx.filterlib.Filter:
-    """LoRA: the adapters; full: every parameter; plus (or minus) the vision tower."""
+def trainable_filter(mode: str, freeze_vision: bool, vision: nnx.filterlib.Filter) -> nnx.filterlib.Filter:
+    """LoRA: the adapters; full: every parameter; plus (or minus) the vision tower's parameters
+    (`vision`, as the model declares them)."""
     if mode not in MODES:
         raise ValueError(f"train.mode must be one of {MODES}, got {mode!r}")
-    vision = nnx.All(nnx.Param, nnx.PathContains("visual"))
     if mode == "lora":
         return LoRAParam if freeze_vision else nnx.Any(LoRAParam, vision)
     return nnx.All(nnx.Param, nnx.Not(vision)) if freeze_vision else nnx.Param
@@ -44,7 +44,7 @@ def add_adapters(model: VisionLanguageModel, config: ml_collections.ConfigDict) 
 def split_for_training(model: VisionLanguageModel, mode: str, freeze_vision: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable parameters, frozen rest) as `train.mode` and `train.freeze_vision` say
     (`trainable_filter`); the trainable ones still in the model's dtype (`master_weights` casts them)."""
-    return nnx.split(model, trainable_filter(mode, freeze_vision), ...)
+    return nnx.split(model, trainable_filter(mode, freeze_vision, model.VISION_PARAMETERS), ...)
 
 
 def master_weights(params: Any) -> Any:

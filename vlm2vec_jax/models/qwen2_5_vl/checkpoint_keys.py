@@ -16,7 +16,7 @@ def checkpoint_rules(config: Qwen2_5_VLConfig) -> list[TensorRule]:
         vector_rule(vis + ("blocks", "norm2", "weight"), block + "norm2.weight", e, v.depth),
         *linear_rules(vis + ("blocks", "qkv"), block + "attn.", [("qkv", 3 * e)], e, True, v.depth),
         *linear_rules(vis + ("blocks", "proj"), block + "attn.", [("proj", e)], e, True, v.depth),
-        *linear_rules(vis + ("blocks", "gate_up_proj"), block + "mlp.", [("gate_proj", m), ("up_proj", m)], e, True, v.depth),
+        *linear_rules(vis + ("blocks", "gate_up_proj"), block + "mlp.", [("gate_proj", m), ("up_proj", m)], e, True, v.depth, slots=(1, 1)),
         *linear_rules(vis + ("blocks", "down_proj"), block + "mlp.", [("down_proj", e)], m, True, v.depth),
         vector_rule(vis + ("merger", "ln_q", "weight"), "visual.merger.ln_q.weight", e),
         *merger_mlp_rules(config),

@@ -14,8 +14,10 @@ from flax import nnx
 
 from vlm2vec_jax.models.attention import SegmentMask
 from vlm2vec_jax.models.qwen2_5_vl.config import WindowVisionConfig
+from vlm2vec_jax.models.logical_axes import EMBED, FUSED, MLP
+from vlm2vec_jax.models.projection import Projection
 from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, linear, scan_stack
-from vlm2vec_jax.models.qwen2_vl.vision import VisionTower, self_attention
+from vlm2vec_jax.models.qwen2_vl.vision import VisionTower, attention_projections, self_attention
 
 NORM_EPS = 1e-6
 # Window ids pack (image segment, window row, window column) into one int32: bits 20+, 10-19, 0-9.
@@ -42,19 +44,21 @@ class WindowVisionBlock(nnx.Module):
         dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = rms_norm(cfg.embed_dim, **dims)
         self.norm2 = rms_norm(cfg.embed_dim, **dims)
-        self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True, **dims)
-        self.proj = linear(cfg.embed_dim, cfg.embed_dim, bias=True, **dims)
-        self.gate_up_proj = linear(cfg.embed_dim, 2 * cfg.intermediate_size, bias=True, **dims)
-        self.down_proj = linear(cfg.intermediate_size, cfg.embed_dim, bias=True, **dims)
-        self.num_heads = cfg.num_heads
+        self.qkv, self.proj = attention_projections(cfg, **dims)
+        self.gate_up_proj = Projection(
+            (cfg.embed_dim,), (2, cfg.intermediate_size), (EMBED, FUSED, MLP), bias=True,
+            groups=(("gate_proj", 1), ("up_proj", 1)), **dims,
+        )
+        self.down_proj = linear(cfg.intermediate_size, cfg.embed_dim, (MLP, EMBED), bias=True, **dims)
         self.act = activation(cfg.hidden_act)
 
     def __call__(
         self, x: jnp.ndarray, image: SegmentMask, window: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray, full: jnp.ndarray
     ) -> jnp.ndarray:
         """`full` (a traced boolean): this block attends over whole images, else over windows."""
-        x = x + self_attention(self.qkv, self.proj, self.num_heads, self.norm1(x), image.where(full, window), cos, sin)
-        gate, up = jnp.split(self.gate_up_proj(self.norm2(x)), 2, axis=-1)
+        x = x + self_attention(self.qkv, self.proj, self.norm1(x), image.where(full, window), cos, sin)
+        gate_up = self.gate_up_proj(self.norm2(x))
+        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         return x + self.down_proj(self.act(gate) * up)
 
 

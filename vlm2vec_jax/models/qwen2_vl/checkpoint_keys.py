@@ -8,14 +8,16 @@ from vlm2vec_jax.models.tensor_rules import TensorRule, layer_norm_rules, linear
 def text_rules(t: TextConfig) -> list[TensorRule]:
     """The Qwen2 decoder (and Qwen3's, by its config): fused q|k|v (biased or not) and gate|up,
     stacked over layers; Qwen3's per-head q/k norms."""
-    hd, d = t.head_dim, t.hidden_size
+    hd, d, per_kv = t.head_dim, t.hidden_size, t.num_heads // t.num_kv_heads
     lm, L, layer = ("language_model",), t.num_layers, "model.layers.{i}."
+    qkv = [("q_proj", t.num_heads * hd), ("k_proj", t.num_kv_heads * hd), ("v_proj", t.num_kv_heads * hd)]
+    gate_up = [("gate_proj", t.intermediate_size), ("up_proj", t.intermediate_size)]
     return [
         TensorRule(lm + ("embed_tokens", "embedding"), (("model.embed_tokens.weight", (t.vocab_size, d)),), False),
         vector_rule(lm + ("norm", "weight"), "model.norm.weight", d),
-        *linear_rules(lm + ("layers", "qkv_proj"), layer + "self_attn.", [("q_proj", t.num_heads * hd), ("k_proj", t.num_kv_heads * hd), ("v_proj", t.num_kv_heads * hd)], d, t.attention_bias, L),
+        *linear_rules(lm + ("layers", "qkv_proj"), layer + "self_attn.", qkv, d, t.attention_bias, L, slots=(per_kv, 1, 1)),
         *linear_rules(lm + ("layers", "o_proj"), layer + "self_attn.", [("o_proj", d)], t.num_heads * hd, False, L),
-        *linear_rules(lm + ("layers", "gate_up_proj"), layer + "mlp.", [("gate_proj", t.intermediate_size), ("up_proj", t.intermediate_size)], d, False, L),
+        *linear_rules(lm + ("layers", "gate_up_proj"), layer + "mlp.", gate_up, d, False, L, slots=(1, 1)),
         *linear_rules(lm + ("layers", "down_proj"), layer + "mlp.", [("down_proj", d)], t.intermediate_size, False, L),
         vector_rule(lm + ("layers", "input_layernorm", "weight"), layer + "input_layernorm.weight", d, L),
         vector_rule(lm + ("layers", "post_attention_layernorm", "weight"), layer + "post_attention_layernorm.weight", d, L),

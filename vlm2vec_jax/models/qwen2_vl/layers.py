@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlm2vec_jax.models.logical_axes import EMBED, STACKED, param
+from vlm2vec_jax.models.projection import Projection
+
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -26,8 +29,8 @@ def activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
 class RMSNorm(nnx.Module):
     """Qwen2's RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
 
-    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype, axis: str = EMBED):
+        self.weight = param(jnp.ones((dim,), param_dtype), (axis,))
         self.eps = eps
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -36,25 +39,19 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
-def linear(din: int, dout: int, *, bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """A dense layer with the kernel stored (in, out) and transformers' init scale (normal 0.02)."""
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(0.02),
-        rngs=rngs,
-    )
+def linear(
+    din: int, dout: int, axes: tuple[str, str], *, bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+) -> Projection:
+    """A plain dense layer (in) -> (out), its two axes named `axes`."""
+    return Projection((din,), (dout,), axes, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`count` layers with every parameter stacked on a leading axis, so the forward is one scan
-    (one compiled layer body, whatever the depth)."""
+    """`count` layers with every parameter stacked on a leading `layers` axis, so the forward is
+    one scan (one compiled layer body, whatever the depth)."""
 
     @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=STACKED)
     def create(layer_rngs: nnx.Rngs) -> nnx.Module:
         return make_layer(layer_rngs)
 

@@ -2,16 +2,22 @@
 by its config, Qwen3's (no q/k/v bias, RMSNorm of each head's q and k, interleaved M-RoPE), with
 DeepStack (vision features added to the first layers' outputs at image tokens) when given.
 
-q|k|v and gate|up are fused into one matmul each: fewer, larger GEMMs are faster on every backend,
-and the checkpoint importer splits/joins them at the boundary.
+q|k|v and gate|up are fused into one matmul each (fewer, larger GEMMs are faster on every
+backend), laid out by attention group and MLP column (`models/projection.py`) so that a tensor-
+parallel split keeps each device's heads and columns whole; the checkpoint importer splits/joins
+them at the boundary.
 """
+
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm2vec_jax.models.qwen2_vl.config import TextConfig
 from vlm2vec_jax.models.attention import SegmentMask, attention
+from vlm2vec_jax.models.logical_axes import EMBED, FUSED, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, metadata
+from vlm2vec_jax.models.projection import Projection
+from vlm2vec_jax.models.qwen2_vl.config import TextConfig
 from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, create_stack, linear, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, mrope
 
@@ -32,17 +38,25 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        hd = cfg.head_dim
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.qkv_proj = linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=cfg.attention_bias, **dims)
+        d, hd, kv = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads
+        per_kv = cfg.num_heads // kv
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+        # per key/value head: the query heads that read it, then its key, then its value
+        self.qkv_proj = Projection(
+            (d,), (kv, per_kv + 2, hd), (EMBED, KV_HEADS, FUSED, HEAD_DIM), bias=cfg.attention_bias,
+            groups=(("q_proj", per_kv), ("k_proj", 1), ("v_proj", 1)), **dims,
+        )
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, axis=HEAD_DIM)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, axis=HEAD_DIM)
         self.qk_norm = cfg.qk_norm
-        self.o_proj = linear(cfg.num_heads * hd, cfg.hidden_size, bias=False, **dims)
-        self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **dims)
-        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **dims)
+        self.o_proj = Projection((cfg.num_heads, hd), (d,), (HEADS, HEAD_DIM, EMBED), bias=False, **dims)
+        self.gate_up_proj = Projection(
+            (d,), (2, cfg.intermediate_size), (EMBED, FUSED, MLP), bias=False,
+            groups=(("gate_proj", 1), ("up_proj", 1)), **dims,
+        )
+        self.down_proj = linear(cfg.intermediate_size, d, (MLP, EMBED), bias=False, **dims)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.act = activation(cfg.hidden_act)
 
@@ -61,19 +75,21 @@ class DecoderLayer(nnx.Module):
         `deepstack` (levels, B, L, D), this layer (number `layer_index`) adds its level, if any."""
         batch, length, _ = x.shape
         n, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(self.input_layernorm(x))
-        k = qkv[..., n * hd : (n + kv) * hd].reshape(batch, length, kv, hd)
-        k = apply_rotary(self.k_norm(k) if self.qk_norm else k, cos, sin)
-        v = qkv[..., (n + kv) * hd :].reshape(batch, length, kv, hd)
-        q, q_cos, q_sin = qkv[..., : n * hd], cos, sin
+        per_kv = n // kv
+        qkv = self.qkv_proj(self.input_layernorm(x))  # (B, L, kv, per_kv + 2, hd)
+        k = apply_rotary(self.k_norm(qkv[..., per_kv, :]) if self.qk_norm else qkv[..., per_kv, :], cos, sin)
+        v = qkv[..., per_kv + 1, :]
+        # query head g * per_kv + j reads key/value head g, as transformers' repeat_kv has it
+        q, q_cos, q_sin = qkv[..., :per_kv, :].reshape(batch, length, n * hd), cos, sin
         if query_index is not None:
             x, q, q_cos, q_sin = (jnp.take_along_axis(a, query_index[..., None], axis=1) for a in (x, q, cos, sin))
             mask = mask.for_queries(query_index)
         queries = x.shape[1]
         q = q.reshape(batch, queries, n, hd)
         q = apply_rotary(self.q_norm(q) if self.qk_norm else q, q_cos, q_sin)
-        x = x + self.o_proj(attention(q, k, v, mask).reshape(batch, queries, n * hd))
-        gate, up = jnp.split(self.gate_up_proj(self.post_attention_layernorm(x)), 2, axis=-1)
+        x = x + self.o_proj(attention(q, k, v, mask))
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
+        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         x = x + self.down_proj(self.act(gate) * up)
         if deepstack is not None:
             x = x + deepstack_residual(deepstack, layer_index, query_index).astype(x.dtype)
@@ -84,6 +100,14 @@ class TextDecoder(nnx.Module):
     """Embeddings (B, L, D) -> final hidden states (B, L, D), causal within each segment of the
     `attention_mask` (0/1 padding mask, or segment ids of packed rows)."""
 
+    # The layer projections adapters may wrap, and the HF linears each holds (PEFT's names).
+    LORA_SITES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "o_proj": ("o_proj",),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+        "down_proj": ("down_proj",),
+    }
+
     def __init__(
         self, cfg: TextConfig, *, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, attention: str, rngs: nnx.Rngs
     ):
@@ -93,6 +117,7 @@ class TextDecoder(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata=metadata((VOCAB, EMBED)),
             rngs=rngs,
         )
         self.layers = create_stack(

@@ -10,8 +10,10 @@ from typing import ClassVar
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm2vec_jax.models.qwen2_vl.config import VisionConfig
 from vlm2vec_jax.models.attention import SegmentMask, attention
+from vlm2vec_jax.models.logical_axes import EMBED, FUSED, HEAD_DIM, HEADS, MLP, PATCH, metadata
+from vlm2vec_jax.models.projection import Projection
+from vlm2vec_jax.models.qwen2_vl.config import VisionConfig
 from vlm2vec_jax.models.qwen2_vl.layers import activation, create_stack, linear, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, vision_rope
 
@@ -19,18 +21,26 @@ LAYER_NORM_EPS = 1e-6
 
 
 def layer_norm(dim: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.LayerNorm(
+        dim, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        scale_metadata=metadata((EMBED,)), bias_metadata=metadata((EMBED,)),
+    )
 
 
-def self_attention(
-    qkv: nnx.Linear, proj: nnx.Linear, num_heads: int, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray
-) -> jnp.ndarray:
+def attention_projections(cfg: VisionConfig, **dims) -> tuple[Projection, Projection]:
+    """The tower's fused qkv, (embed) -> (3, heads, head_dim) as the checkpoint orders it, and its
+    output projection (heads, head_dim) -> (embed); both biased."""
+    heads, hd, e = cfg.num_heads, cfg.head_dim, cfg.embed_dim
+    qkv = Projection((e,), (3, heads, hd), (EMBED, FUSED, HEADS, HEAD_DIM), bias=True, **dims)
+    return qkv, Projection((heads, hd), (e,), (HEADS, HEAD_DIM, EMBED), bias=True, **dims)
+
+
+def self_attention(qkv: Projection, proj: Projection, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """Fused-qkv attention over packed patches (V, R, D) with the 2-D rope, then the output projection."""
-    rows, length, dim = x.shape
-    qkv_out = qkv(x).reshape(rows, length, 3, num_heads, dim // num_heads)
+    qkv_out = qkv(x)  # (V, R, 3, heads, head_dim)
     q = apply_rotary(qkv_out[:, :, 0], cos, sin)
     k = apply_rotary(qkv_out[:, :, 1], cos, sin)
-    return proj(attention(q, k, qkv_out[:, :, 2], mask).reshape(rows, length, dim))
+    return proj(attention(q, k, qkv_out[:, :, 2], mask))
 
 
 class VisionBlock(nnx.Module):
@@ -40,15 +50,13 @@ class VisionBlock(nnx.Module):
         dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(cfg.embed_dim, **dims)
         self.norm2 = layer_norm(cfg.embed_dim, **dims)
-        self.qkv = linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True, **dims)
-        self.proj = linear(cfg.embed_dim, cfg.embed_dim, bias=True, **dims)
-        self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, bias=True, **dims)
-        self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, bias=True, **dims)
-        self.num_heads = cfg.num_heads
+        self.qkv, self.proj = attention_projections(cfg, **dims)
+        self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, (EMBED, MLP), bias=True, **dims)
+        self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, (MLP, EMBED), bias=True, **dims)
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: jnp.ndarray, mask: SegmentMask, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-        x = x + self_attention(self.qkv, self.proj, self.num_heads, self.norm1(x), mask, cos, sin)
+        x = x + self_attention(self.qkv, self.proj, self.norm1(x), mask, cos, sin)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
@@ -67,8 +75,8 @@ class PatchMerger(nnx.Module):
         dims = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         merged = cfg.embed_dim * cfg.merge_units
         self.ln_q = norm(merged if norm_after_merge else cfg.embed_dim, **dims)
-        self.fc1 = linear(merged, merged, bias=True, **dims)
-        self.fc2 = linear(merged, cfg.out_hidden_size, bias=True, **dims)
+        self.fc1 = linear(merged, merged, (EMBED, MLP), bias=True, **dims)
+        self.fc2 = linear(merged, cfg.out_hidden_size, (MLP, EMBED), bias=True, **dims)
         self.merge_units = cfg.merge_units
         self.norm_after_merge = norm_after_merge
 
@@ -91,7 +99,7 @@ class VisionTower(nnx.Module):
     ):
         dims = dict(dtype=dtype, param_dtype=param_dtype)
         # Conv3d with kernel == stride over a flattened patch is exactly this matmul.
-        self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, bias=cfg.patch_embed_bias, rngs=rngs, **dims)
+        self.patch_embed = linear(cfg.patch_dim, cfg.embed_dim, (PATCH, EMBED), bias=cfg.patch_embed_bias, rngs=rngs, **dims)
         self.blocks = create_stack(lambda r: self.block(cfg, rngs=r, **dims), cfg.depth, rngs)
         self.merger = PatchMerger(cfg, norm=self.merger_norm, rngs=rngs, **dims)
         self.cfg = cfg

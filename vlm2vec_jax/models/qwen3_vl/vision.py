@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm2vec_jax.models.attention import SegmentMask
+from vlm2vec_jax.models.logical_axes import EMBED, POSITIONS, param
 from vlm2vec_jax.models.qwen2_vl.layers import create_stack, scan_stack_capturing
 from vlm2vec_jax.models.qwen2_vl.rope import vision_rope
 from vlm2vec_jax.models.qwen2_vl.vision import PatchMerger, VisionTower, layer_norm
@@ -49,7 +50,8 @@ class DeepStackVisionTower(VisionTower):
     ):
         super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
         dims = dict(dtype=dtype, param_dtype=param_dtype)
-        self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.num_position_embeddings, cfg.embed_dim), param_dtype))
+        table = nnx.initializers.normal(0.02)(rngs.params(), (cfg.num_position_embeddings, cfg.embed_dim), param_dtype)
+        self.pos_embed = param(table, (POSITIONS, EMBED))
         self.deepstack_mergers = create_stack(
             lambda r: PatchMerger(cfg, norm=layer_norm, norm_after_merge=True, rngs=r, **dims), len(cfg.deepstack_visual_indexes), rngs
         )
