@@ -60,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.pack_text_rows = 0  # text rows of pack_text_len tokens per packed chunk; 0 = the tokens of one padded GradCache chunk
     c.train.pack_vision_rows = 0  # vision rows (each the largest image max_pixels allows) per packed chunk; 0 = the images of one padded chunk
     c.train.pack_chunks = 0  # packed chunks a device may fill per step (array capacity, memory); 0 = twice the padded chunk count (1 without GradCache); a batch over it is an error naming this key
+    c.train.cache_vision = True  # with the vision tower frozen (freeze_vision), packed GradCache runs it once per chunk and keeps its image features for the second pass instead of running it again (memory: pack_chunks x image tokens x text width per device); False recomputes them, as the PyTorch originals do
     c.train.log_every = 10  # steps between metrics.jsonl lines (the progress bar updates every step)
 
     c.mesh = ml_collections.ConfigDict()

@@ -340,15 +340,31 @@ def test_dropout_keys_must_match_the_batch(batch, dora_model):
         set_lora_dropout(dora_model, jax.random.key(0), None)
 
 
-def test_inference_embed_equals_training_path(batch, dora_model):
-    """`embed` indexes the stacked leaves (dropout keys included) in a fori_loop; it must equal
-    `__call__` with dropout off, and refuse training dropout (its last layer holds one token)."""
-    set_lora_dropout(dora_model, jax.random.key(0), jnp.arange(4), sequence_positions(batch.ours["attention_mask"]))
-    with pytest.raises(ValueError, match="turn dropout off"):
-        jax.jit(dora_model.embed)(batch.ours)
+def test_pooled_last_layer_equals_the_full_stack_with_dropout(batch, dora_model):
+    """Training and inference compute the last layer for the pooled tokens only; with DoRA dropout
+    on, each pooled token keeps its own mask (`Projection.select_tokens`), so vectors and adapter
+    gradients equal pooling the whole stack's hidden states."""
+    mask = jnp.asarray(batch.ours["attention_mask"])
+    graphdef, params, rest = nnx.split(dora_model, LoRAParam, ...)
+    directions = jax.random.normal(jax.random.key(3), (mask.shape[0], dora_model.config.text.hidden_size))
+
+    def vectors(p, pooled: bool) -> jax.Array:
+        model = nnx.merge(graphdef, p, rest, copy=True)
+        set_lora_dropout(model, jax.random.key(0), jnp.arange(4), sequence_positions(mask))
+        return model(batch.ours) if pooled else l2_normalize(last_token_pool(model.hidden_states(batch.ours), mask))
+
+    def run(pooled: bool):
+        loss = lambda p: jnp.sum(vectors(p, pooled) * directions)  # noqa: E731
+        return jax.jit(lambda p: (vectors(p, pooled), jax.grad(loss)(p)))(params)
+
+    (pooled, pooled_grads), (full, full_grads) = run(True), run(False)
+    np.testing.assert_allclose(np.asarray(pooled), np.asarray(full), atol=ATOL, rtol=0)
+    for a, b in zip(jax.tree.leaves(pooled_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=GRAD_RTOL * float(np.abs(b).max()), rtol=0)
     set_lora_dropout(dora_model, jax.random.key(0), None)
-    full = np.asarray(jax.jit(lambda b: dora_model(b))(batch.ours))
-    np.testing.assert_allclose(np.asarray(jax.jit(dora_model.embed)(batch.ours)), full, atol=ATOL, rtol=0)
+    off = jax.jit(lambda b: l2_normalize(last_token_pool(dora_model.hidden_states(b), mask)))(batch.ours)
+    assert np.abs(np.asarray(off) - np.asarray(full)).max() > 1e-3, "dropout must matter"
+    np.testing.assert_allclose(np.asarray(jax.jit(dora_model.embed)(batch.ours)), np.asarray(off), atol=ATOL, rtol=0)
 
 
 def test_gradients_flow_to_every_adapter_parameter_with_and_without_remat(tiny_ckpt, batch):

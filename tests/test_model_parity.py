@@ -134,8 +134,11 @@ def test_bfloat16_computes_in_bfloat16_and_stays_close(backbone_ckpt, hf, forwar
 
 
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
-def test_inference_embed_equals_training_path(hf, ours, left_pad):
-    """`embed` computes only the pooled token in the last layer; it must equal `__call__`."""
+def test_pooled_last_layer_equals_the_full_stack(ours, hf, left_pad):
+    """Training (`__call__`) and inference (`embed`) compute the last decoder layer for the pooled
+    tokens only; both must equal pooling the whole stack's hidden states."""
     ref = hf.build(SEQUENCES["mixed_batch"], IMAGES, left_pad=left_pad)
-    full = np.asarray(jax.jit(lambda b: ours(b))(ref.ours))
+    mask = ref.ours["attention_mask"]
+    full = np.asarray(jax.jit(lambda b: l2_normalize(last_token_pool(ours.hidden_states(b), mask)))(ref.ours))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda b: ours(b))(ref.ours)), full, atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.asarray(jax.jit(ours.embed)(ref.ours)), full, atol=ATOL, rtol=0)

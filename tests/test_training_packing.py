@@ -11,15 +11,25 @@ keyed by the row position) and each must move the gradients far beyond that tole
 from __future__ import annotations
 
 
+import jax
 import numpy as np
+import optax
 import pytest
 
 from hlo_collectives import assert_gradients_reduced_once_after_the_loops
-from train_fixtures import contrastive_batch
+from train_fixtures import contrastive_batch, perturbed_dora
 from training_runs import script_results
 from vlm2vec_jax.batch import MERGE_UNITS
 from vlm2vec_jax.data.packing import PackBudget, PackingError, pack_record
+from vlm2vec_jax.processing.image import ImageProcessorConfig
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint
+from vlm2vec_jax.training.forward import make_embed_factory, make_vision_factory
+from vlm2vec_jax.training.packed_gradcache import packed_chunk
+from vlm2vec_jax.training.placement import device_batch, place
+from vlm2vec_jax.training.sharding import batch_size_of, make_mesh
+from vlm2vec_jax.training.state import abstract_train_state, init_train_state, param_shardings
+from vlm2vec_jax.training.step import StepOptions, make_train_step
+from vlm2vec_jax.training.throughput import StepFlops, matmul_flops
 
 TOLERANCE = 1e-6
 LEAF_TOLERANCE = 5e-6
@@ -127,6 +137,47 @@ def test_a_sequence_over_the_row_budget_names_its_row_and_key(batch: dict) -> No
 def test_a_batch_over_capacity_names_the_key_to_raise(batch: dict) -> None:
     with pytest.raises(PackingError, match="more than train.pack_chunks=1 packed chunks"):
         pack_record(batch, budget(1, 2, text_rows=1, chunks=1), shards=1, first_query=0, first_target=0, global_queries=QUERIES)
+
+
+@pytest.mark.parametrize("checkpoint_fixture", ["tiny_ckpt", "tiny_ckpt_qwen3_vl"], ids=["qwen2_vl", "qwen3_vl_deepstack"])
+def test_a_frozen_tower_runs_once_per_packed_chunk(request: pytest.FixtureRequest, checkpoint_fixture: str) -> None:
+    """With the vision tower frozen, packed GradCache's second pass reads the image features (and
+    DeepStack levels) its first pass kept: the step's matmul FLOPs per chunk trip fall by exactly
+    one forward of the tower over a chunk, and its gradients equal the step that runs it twice."""
+    checkpoint = request.getfixturevalue(checkpoint_fixture)
+    record = contrastive_batch(checkpoint, QUERIES, HARD_NEGATIVES, length=LENGTH)
+    record["rows"] = np.arange(QUERIES)
+    image_config = ImageProcessorConfig.from_pretrained_dir(checkpoint)
+    graphdef, params, frozen = perturbed_dora(checkpoint)
+    mesh = make_mesh(-1, 1, 1)
+    shards = batch_size_of(mesh)
+    b = budget(shards, 2, vision_patches=record["query"]["patch_segment_ids"].shape[1])
+    packed = pack_record(record, b, shards=shards, first_query=0, first_target=0, global_queries=QUERIES)
+    sgd = optax.sgd(1.0)
+    abstract = abstract_train_state(params, sgd, mesh)
+    make_vision = make_vision_factory(graphdef, image_config=image_config)
+    inputs = (abstract, place(frozen, param_shardings(frozen, mesh)), device_batch(packed, mesh), jax.random.key(0))
+
+    def step(vision):
+        return make_train_step(
+            make_embed_factory(graphdef, dropout=True, image_config=image_config), sgd, optax.constant_schedule(1.0),
+            StepOptions(0.05, QUERIES // shards // 2), mesh, abstract, param_shardings(frozen, mesh), packed, vision,
+        ).trace(*inputs)
+
+    traced = {"twice": step(None), "once": step(make_vision)}
+    per_trip = {name: StepFlops.of(t.jaxpr.jaxpr).per_trip for name, t in traced.items()}
+    tower = jax.make_jaxpr(lambda p, arrays: make_vision(frozen)(p, packed_chunk(arrays, 0)))(params, packed["packed"])
+    tower_flops = matmul_flops(tower.jaxpr)
+    assert tower_flops > 0
+    assert per_trip["twice"] - per_trip["once"] == pytest.approx(tower_flops, rel=1e-9)
+
+    grads = {}
+    for name, t in traced.items():
+        state = init_train_state(place(params, jax.tree.map(lambda a: a.sharding, abstract.params)), sgd, abstract)
+        after, _ = t.lower().compile()(state, *inputs[1:])
+        grads[name] = jax.tree.map(lambda before, new: np.asarray(before) - np.asarray(new), params, after.params)
+    for once, twice in zip(jax.tree.leaves(grads["once"]), jax.tree.leaves(grads["twice"])):
+        np.testing.assert_allclose(once, twice, rtol=0, atol=1e-6 * max(float(np.abs(twice).max()), 1e-30))
 
 
 @pytest.fixture(scope="module")

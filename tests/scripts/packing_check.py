@@ -22,7 +22,7 @@ from hlo_collectives import step_reductions  # noqa: E402
 from vlm2vec_jax.data.packing import PackBudget, pack_record  # noqa: E402
 from vlm2vec_jax.testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from vlm2vec_jax.processing.image import ImageProcessorConfig  # noqa: E402
-from vlm2vec_jax.training.forward import make_embed_factory  # noqa: E402
+from vlm2vec_jax.training.forward import make_embed_factory, make_vision_factory  # noqa: E402
 from vlm2vec_jax.training.placement import device_batch, place  # noqa: E402
 from vlm2vec_jax.training.sharding import batch_size_of, make_mesh  # noqa: E402
 from vlm2vec_jax.training.state import abstract_train_state, init_train_state, param_shardings  # noqa: E402
@@ -113,6 +113,8 @@ def main(chunk_sizes: list[int]) -> None:
                 make_embed_factory(graphdef, dropout=True, image_config=image_config), sgd, optax.constant_schedule(1.0),
                 StepOptions(TEMPERATURE, chunk, mask_duplicate_targets=True), mesh, abstract,
                 param_shardings(frozen, mesh), record,
+                # packed, as training runs it: the frozen tower's features computed once per chunk
+                make_vision_factory(graphdef, image_config=image_config) if "packed" in record else None,
             ).lower(*inputs).compile()
         state, metrics = steps[layout](*inputs)
         grads = jax.tree.map(lambda before, after: np.asarray(before, np.float64) - np.asarray(after), params, state.params)

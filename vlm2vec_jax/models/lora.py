@@ -152,7 +152,7 @@ class LoRALinear(nnx.Module):
             raise ValueError(
                 f"LoRA dropout keys were set for {keys.shape[0]} x {keys.shape[1]} tokens but the input has "
                 f"{x.shape[0]} x {x.shape[1]}; call set_lora_dropout with this batch's example ids and positions "
-                "(inference computes one token in the last layer: turn dropout off with example_ids=None)"
+                "(a layer computing only some tokens selects theirs: Projection.select_tokens)"
             )
         pieces = []
         for name, start, size in self.layout:
@@ -161,6 +161,13 @@ class LoRALinear(nnx.Module):
                 piece = piece + self._update(name, x, piece, start, size, keys).reshape(piece.shape)
             pieces.append(piece)
         return self.base.join(pieces)
+
+    def select_tokens(self, query_index: jax.Array) -> None:
+        """The dropout keys of the tokens `query_index` (B, Q) names in each row, for a layer that
+        computes only those: each keeps its own mask (this is one layer's slice, keys (B, L, key))."""
+        keys = self.dropout_keys[...]
+        if keys.shape[0]:
+            self.dropout_keys.set_value(jnp.take_along_axis(keys, query_index[..., None], axis=1))
 
     def _update(self, name: str, x: jax.Array, base_out: jax.Array, start: int, size: int, keys: jax.Array | None) -> jax.Array:
         """What PEFT's Linear.forward adds to base(x) for one target (lora/layer.py, lora/dora.py),

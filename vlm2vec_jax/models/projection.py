@@ -90,6 +90,11 @@ class Projection(nnx.Module):
         """x (..., *in_shape) -> (..., fan in)."""
         return x.reshape(*x.shape[: x.ndim - len(self.in_shape)], self.fan_in)
 
+    def select_tokens(self, query_index: jax.Array) -> None:
+        """Keep per-token state for only the tokens `query_index` (B, Q) names, when a layer
+        computes just those (the pooled tokens): a plain projection has none (LoRA's dropout keys do)."""
+        del query_index
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """One dot_general contracting the input axes, the kernel never reshaped: a flattening
         reshape of a kernel split along a minor output axis (heads, MLP columns) would make the

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm2vec_jax.models.pooling import l2_normalize, last_token_index, last_token_pool
+from vlm2vec_jax.models.pooling import l2_normalize, last_token_index
 
 
 class VisionLanguageModel(nnx.Module):
@@ -42,10 +42,13 @@ class VisionLanguageModel(nnx.Module):
         """(token embeddings with each image_pad replaced by its merged vision token, the tower's
         DeepStack features at the same places (levels, B, L, D), zero elsewhere, or None)."""
         embeds = self.language_model.embed_tokens(batch["input_ids"])
-        pixel_values = batch.get("pixel_values")
-        if pixel_values is None or pixel_values.shape[0] == 0:  # static: text-only batch
-            return embeds, None
-        image_tokens, deepstack = self.visual.features(pixel_values, batch["patch_positions"], batch["patch_segment_ids"])
+        if "image_features" in batch:  # computed before (`image_features`): the tower does not run
+            image_tokens, deepstack = batch["image_features"], batch.get("deepstack_features")
+        else:
+            pixel_values = batch.get("pixel_values")
+            if pixel_values is None or pixel_values.shape[0] == 0:  # static: text-only batch
+                return embeds, None
+            image_tokens, deepstack = self.visual.features(pixel_values, batch["patch_positions"], batch["patch_segment_ids"])
         index = batch["image_token_index"]
         is_image = (index >= 0)[..., None]
 
@@ -58,27 +61,45 @@ class VisionLanguageModel(nnx.Module):
         zeros = jnp.zeros_like(embeds)
         return embeds_out, jnp.stack([place(level, zeros) for level in deepstack])
 
+    def image_features(self, batch: Mapping[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+        """The vision tower's output for the batch's vision rows, as `input_embeddings` takes it back
+        in place of the pixels: "image_features" (merged tokens, text hidden) and, for towers with
+        DeepStack, "deepstack_features" (levels first). GradCache computes them once per chunk when
+        the tower is frozen and reuses them in its second pass."""
+        tokens, deepstack = self.visual.features(batch["pixel_values"], batch["patch_positions"], batch["patch_segment_ids"])
+        if deepstack is None:
+            return {"image_features": tokens}
+        return {"image_features": tokens, "deepstack_features": deepstack}
+
     def hidden_states(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
         """Final-layer hidden states (B, L, D) in the compute dtype."""
         embeds, deepstack = self.input_embeddings(batch)
         return self.language_model(embeds, batch["attention_mask"], batch["position_ids"], deepstack)
 
     def __call__(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """Unit-norm float32 embeddings of the final layer (the training path): (B, D) from each
-        row's last real token, or, for packed rows, (S, D) from the tokens `pool_index` (S,) names
-        (flat indices into the B * L tokens: each sequence's last token)."""
-        hidden = self.hidden_states(batch)
-        if "pool_index" in batch:
-            return l2_normalize(jnp.take(hidden.reshape(-1, hidden.shape[-1]), batch["pool_index"], axis=0))
-        return l2_normalize(last_token_pool(hidden, batch["attention_mask"]))
+        """Unit-norm float32 embeddings (the training path): (B, D) from each row's last real
+        token, or, for packed rows, (S, D) from the tokens `pool_index` (S,) names (flat indices
+        into the B * L tokens: each sequence's last token). The last layer computes the pooled
+        tokens only: for packed rows every row's columns of all S (the right row's are kept)."""
+        mask = batch["attention_mask"]
+        if "pool_index" not in batch:
+            return self._pooled(batch, last_token_index(mask)[:, None])
+        rows, length = mask.shape
+        pool = batch["pool_index"]
+        states = self._pooled(batch, jnp.broadcast_to(pool % length, (rows, pool.shape[0])), flat=False)
+        return states[pool // length, jnp.arange(pool.shape[0])]
 
     def embed(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """The same embeddings for inference, with the last layer computed for the pooled tokens
-        only: (B, D) from each row's last real token, or, for packed inference rows
-        (`processing.packed_batching`), (B * Q, D) from the columns `pool_positions` (B, Q) names
-        in each row (row-major: vector b * Q + j is row b's j-th segment)."""
-        mask = batch["attention_mask"]
-        query_index = batch["pool_positions"] if "pool_positions" in batch else last_token_index(mask)[:, None]
+        """The same embeddings for inference: (B, D) from each row's last real token, or, for
+        packed inference rows (`processing.packed_batching`), (B * Q, D) from the columns
+        `pool_positions` (B, Q) names in each row (row-major: vector b * Q + j is row b's j-th
+        segment)."""
+        if "pool_positions" in batch:
+            return self._pooled(batch, batch["pool_positions"])
+        return self._pooled(batch, last_token_index(batch["attention_mask"])[:, None])
+
+    def _pooled(self, batch: Mapping[str, jnp.ndarray], query_index: jnp.ndarray, flat: bool = True) -> jnp.ndarray:
+        """Unit vectors of the tokens `query_index` (B, Q) names: (B * Q, D), or (B, Q, D)."""
         embeds, deepstack = self.input_embeddings(batch)
-        states = self.language_model.pooled_states(embeds, mask, batch["position_ids"], query_index, deepstack)
-        return l2_normalize(states.reshape(-1, states.shape[-1]))
+        states = self.language_model.pooled_states(embeds, batch["attention_mask"], batch["position_ids"], query_index, deepstack)
+        return l2_normalize(states.reshape(-1, states.shape[-1]) if flat else states)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from vlm2vec_jax.processing.image import ImageProcessorConfig
 from vlm2vec_jax.training.loss import parse_matryoshka_dims
-from vlm2vec_jax.training.forward import make_embed_factory
+from vlm2vec_jax.training.forward import make_embed_factory, make_vision_factory
 from vlm2vec_jax.training.step import StepOptions, TrainState, make_train_step
 from vlm2vec_jax.training.throughput import StepFlops
 
@@ -28,6 +28,12 @@ class CompiledStep:
     flops: StepFlops  # matmul FLOPs of one step over the global batch, by chunk-loop trips
     memory: Any  # `compiled.memory_analysis()`: per-device sizes; None where the backend has none
     seconds: float  # tracing, lowering and compilation
+
+
+def reuses_vision_features(config: ml_collections.ConfigDict) -> bool:
+    """Whether packed GradCache keeps each chunk's image features for its second pass: only a
+    frozen tower's features are the same in both passes (`train.cache_vision`)."""
+    return bool(config.train.freeze_vision and config.train.cache_vision)
 
 
 def compile_step(
@@ -52,6 +58,7 @@ def compile_step(
         StepOptions(c.train.temperature, c.train.gc_chunk_size, c.train.mask_duplicate_targets, parse_matryoshka_dims(c.train.matryoshka_dims)),
         mesh, abstract,
         jax.tree.map(lambda x: x.sharding, frozen), batch,
+        make_vision_factory(graphdef, image_config=image_config) if reuses_vision_features(c) else None,
     )
     start = time.perf_counter()
     with jax.set_mesh(mesh):  # kernels XLA cannot partition (splash attention) read it to shard_map themselves

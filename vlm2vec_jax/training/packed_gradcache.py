@@ -14,10 +14,16 @@ under `shard_map` the devices' disjoint rows are summed into the global buffer (
 batch x D floats). The loss is InfoNCE on that buffer, exactly the padded step's; pass 2 gathers
 each slot's cotangent by id and pulls it back through the chunk's vjp.
 
+With a frozen vision tower (`vision` given) pass 1 also keeps each chunk's image features in a
+buffer of the chunk capacity and pass 2 reads them back instead of running the tower again: the
+tower has nothing to differentiate, so its second forward (what the PyTorch originals run) would
+only recompute the same numbers.
+
 Under plain jit (sharded parameters) the per-shard chunks are stacked on a leading axis: chunk c
 of every shard runs as one, and the trip count is the largest shard's.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,6 +34,8 @@ from vlm2vec_jax.batch import MERGE_UNITS
 from vlm2vec_jax.training.gradcache import EmbedFn, LossFn
 
 Params = Any
+# vision(params, chunk) -> the frozen tower's features of the chunk (`training.forward.make_vision_factory`)
+VisionFn = Callable[[Params, dict[str, jax.Array]], dict[str, jax.Array]]
 # Arrays of a packed chunk the model reads (the rest is bookkeeping for the loop).
 TEXT = ("input_ids", "attention_mask", "image_token_index", "token_example", "token_position")
 VISION = ("pixel_values", "patch_positions", "patch_segment_ids")
@@ -60,11 +68,13 @@ def packed_contrastive_grads(
     num_examples: int,
     caching: bool,
     axes: tuple[str, ...] | None = None,
+    vision: VisionFn | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], Params]:
     """(loss, metrics, parameter gradients of the local chunks). `packed` holds this device's
     shards (leading axis G, chunk axis C); `num_examples` = queries + targets of the global batch,
     the first `num_queries` of them queries. Without `caching` the single chunk is embedded once
-    with its vjp kept (capacity 1)."""
+    with its vjp kept (capacity 1). `vision(params, chunk)`: the frozen tower's features of a
+    chunk, computed once in pass 1 and reused in pass 2 (module docstring)."""
 
     def embed_chunk(p: Params, chunk: dict[str, jax.Array]) -> jax.Array:
         inputs = {k: v for k, v in chunk.items() if k not in ("token_example", "slot_example")}
@@ -89,9 +99,9 @@ def packed_contrastive_grads(
 
     first = packed_chunk(packed, 0)
     width = jax.eval_shape(embed_chunk, params, first).shape[-1]
-    empty = jnp.zeros((num_examples, width), jnp.float32)
-    if axes is not None:  # written per device: the loop carry must be device-varying from the start
-        empty = jax.lax.pcast(empty, axes, to="varying")
+    varying = (lambda x: jax.lax.pcast(x, axes, to="varying")) if axes is not None else (lambda x: x)  # noqa: E731
+    # written per device: a loop carry must be device-varying from the start
+    empty = varying(jnp.zeros((num_examples, width), jnp.float32))
     if not caching:
         rows, pullback = jax.vjp(lambda p: embed_chunk(p, first), params)
         loss, metrics, cotangents = embedding_grads(scatter(empty, first, rows))
@@ -99,15 +109,29 @@ def packed_contrastive_grads(
 
     trips = jnp.max(packed["num_chunks"])
     frozen = jax.lax.stop_gradient(params)
+    if vision is None or first["patch_segment_ids"].shape[0] == 0:  # nothing to keep: no tower, or no images
+        vision = None
+        features = {}
+    else:  # a buffer of every chunk's features, by chunk (the capacity, C)
+        capacity = packed["patch_segment_ids"].shape[1]
+        shapes = jax.eval_shape(vision, frozen, first)
+        features = {k: varying(jnp.zeros((capacity, *s.shape), s.dtype)) for k, s in shapes.items()}
 
-    def pass1(c: jax.Array, buffer: jax.Array) -> jax.Array:
+    def pass1(c: jax.Array, carry: tuple[jax.Array, dict[str, jax.Array]]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        buffer, kept = carry
         chunk = packed_chunk(packed, c)
-        return scatter(buffer, chunk, embed_chunk(frozen, chunk))
+        if vision is not None:
+            computed = vision(frozen, chunk)
+            kept = {k: jax.lax.dynamic_update_index_in_dim(kept[k], computed[k], c, 0) for k in kept}
+            chunk = {**chunk, **computed}
+        return scatter(buffer, chunk, embed_chunk(frozen, chunk)), kept
 
-    loss, metrics, cotangents = embedding_grads(jax.lax.fori_loop(0, trips, pass1, empty))
+    buffer, features = jax.lax.fori_loop(0, trips, pass1, (empty, features))
+    loss, metrics, cotangents = embedding_grads(buffer)
 
     def pass2(c: jax.Array, acc: Params) -> Params:
         chunk = packed_chunk(packed, c)
+        chunk.update({k: jax.lax.dynamic_index_in_dim(x, c, keepdims=False) for k, x in features.items()})
         rows, pullback = jax.vjp(lambda p: embed_chunk(p, chunk), params)
         (grads,) = pullback(gather(cotangents, chunk).astype(rows.dtype))
         return jax.tree.map(jnp.add, acc, grads)

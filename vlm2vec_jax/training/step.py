@@ -21,6 +21,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm2vec_jax.training.chunks import relative_image_index, row_axis
+from vlm2vec_jax.training.forward import VisionFactory
 from vlm2vec_jax.training.gradcache import EmbedFn, contrastive_grads
 from vlm2vec_jax.training.loss import matryoshka_infonce
 from vlm2vec_jax.training.packed_gradcache import packed_contrastive_grads
@@ -85,10 +86,12 @@ def make_train_step(
     abstract_state: TrainState,
     frozen_shardings: Any,
     batch_example: dict[str, Any],
+    make_vision: VisionFactory | None = None,
 ) -> Callable[[TrainState, Params, dict[str, Any], jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted `step(state, frozen, batch, key) -> (state, metrics)`. `abstract_state` gives the
     state's shapes and shardings (`state.abstract_train_state`); `batch_example` (arrays or
-    ShapeDtypeStructs of the global batch) fixes the shapes and the chunking."""
+    ShapeDtypeStructs of the global batch) fixes the shapes and the chunking. `make_vision` (only
+    for a frozen vision tower): packed GradCache runs the tower once per chunk, not twice."""
     per_device = batch_size_of(mesh)
     global_queries = batch_example["valid"].shape[0]
     global_targets = batch_example["target_valid"].shape[0]
@@ -115,6 +118,7 @@ def make_train_step(
             loss, metrics, grads = packed_contrastive_grads(
                 make_embed(frozen, key), loss_fn, params, batch[PACKED], num_queries=global_queries,
                 num_examples=global_queries + global_targets, caching=chunks > 0, axes=axes,
+                vision=make_vision(frozen) if make_vision is not None else None,
             )
             # The chunks this device's loops ran (its shards' largest count); the pmean below makes it
             # the mean over devices under shard_map, what `StepFlops.at` takes (executed_trips).

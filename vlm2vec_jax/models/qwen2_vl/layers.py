@@ -73,16 +73,28 @@ def _scan_layers(stack: nnx.Module, step: Callable[[nnx.Module, Any, Any], Any],
     return carry
 
 
-def scan_stack(stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, per_layer: Any = None) -> jnp.ndarray:
+def scan_stack(
+    stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, per_layer: Any = None, skip_last: bool = False
+) -> jnp.ndarray:
     """Run x through the stacked layers with `lax.scan`: layer i gets `(x, *args)`, and its slice
     of `per_layer` (arrays with a leading layer axis) as a last argument when that is given;
     `remat` recomputes each layer's activations in the backward pass instead of storing them
-    (memory for compute)."""
+    (memory for compute). `skip_last`: the last layer passes its input through (`lax.cond`), for a
+    caller that runs it on its own (`layer_at`) without slicing, i.e. copying, the stack."""
+    depth = jax.tree.leaves(nnx.state(stack))[0].shape[0]
 
-    def step(layer: nnx.Module, h: jnp.ndarray, extra: Any) -> jnp.ndarray:
-        return layer(h, *args) if per_layer is None else layer(h, *args, extra)
+    def step(layer: nnx.Module, h: jnp.ndarray, xs: tuple[Any, jnp.ndarray]) -> jnp.ndarray:
+        extra, index = xs
+        run = (lambda h: layer(h, *args)) if per_layer is None else (lambda h: layer(h, *args, extra))
+        return jax.lax.cond(index < depth - 1, run, lambda h: h, h) if skip_last else run(h)
 
-    return _scan_layers(stack, step, x, per_layer, remat)
+    return _scan_layers(stack, step, x, (per_layer, jnp.arange(depth)), remat)
+
+
+def layer_at(stack: nnx.Module, index: int) -> nnx.Module:
+    """Layer `index` of a stack as a module of its own (fresh variables: its slice of every array)."""
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda p: p[index], state))
 
 
 def scan_stack_capturing(

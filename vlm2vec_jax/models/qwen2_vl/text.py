@@ -18,7 +18,7 @@ from vlm2vec_jax.models.attention import SegmentMask, attention
 from vlm2vec_jax.models.logical_axes import EMBED, FUSED, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, metadata
 from vlm2vec_jax.models.projection import Projection
 from vlm2vec_jax.models.qwen2_vl.config import TextConfig
-from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, create_stack, linear, scan_stack
+from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, create_stack, layer_at, linear, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, mrope
 
 
@@ -84,6 +84,8 @@ class DecoderLayer(nnx.Module):
         if query_index is not None:
             x, q, q_cos, q_sin = (jnp.take_along_axis(a, query_index[..., None], axis=1) for a in (x, q, cos, sin))
             mask = mask.for_queries(query_index)
+            for projection in (self.o_proj, self.gate_up_proj, self.down_proj):
+                projection.select_tokens(query_index)
         queries = x.shape[1]
         q = q.reshape(batch, queries, n, hd)
         q = apply_rotary(self.q_norm(q) if self.qk_norm else q, q_cos, q_sin)
@@ -153,16 +155,14 @@ class TextDecoder(nnx.Module):
         deepstack: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """Final hidden states (B, Q, D) of the tokens `query_index` (B, Q) names in each row (the
-        pooled tokens: a row's last token, or each packed segment's), for inference: the last layer
-        computes only those tokens (its MLP and output projection skip the other rows). Layers
-        are indexed in a loop rather than scanned over, so the stack is never sliced (copied);
-        gradients through this path would accumulate poorly, hence training uses `__call__`."""
+        pooled tokens: a row's last token, or each packed segment's), for training and inference
+        alike: the last layer computes only those tokens (its output projection and MLP skip every
+        other one, 1/L of the decoder's FLOPs; keys and values still cover the row). Layers
+        0 .. L-2 run in the scan over the whole stack, then the last layer from its own slice."""
         mask, cos, sin = self._mask_and_rope(attention_mask, position_ids)
-        graphdef, state = nnx.split(self.layers)
-
-        def layer(i: jnp.ndarray | int) -> DecoderLayer:
-            return nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), state))
-
         last = self.cfg.num_layers - 1
-        x = jax.lax.fori_loop(0, last, lambda i, x: layer(i)(x, mask, cos, sin, deepstack, i), embeds)
-        return self.norm(layer(last)(x, mask, cos, sin, deepstack, jnp.asarray(last), query_index=query_index))
+        x = scan_stack(
+            self.layers, embeds, mask, cos, sin, deepstack, remat=self.remat, per_layer=jnp.arange(last + 1), skip_last=True
+        )
+        final = layer_at(self.layers, last)(x, mask, cos, sin, deepstack, jnp.asarray(last), query_index=query_index)
+        return self.norm(final)
