@@ -7,6 +7,7 @@ and against trip counts packed here."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -94,7 +95,7 @@ def test_dry_run_of_the_2b_recipe_on_8_devices(tmp_path: Path) -> None:
     assert fsdp["parameters"] == dp["parameters"]
 
     # The analytic count (vlm2vec_jax/training/model_flops.py): every sequence padded to max_len with a 5120-patch image.
-    expected = FlopsModel(geometry, rank=8).padded_step(
+    expected = FlopsModel(geometry, rank=8, vision_passes=2).padded_step(
         sequences=c["batch_size"] + c["targets"], length=c["max_len"], patches=c["patches_per_image"]
     )
     assert dp["flops_per_step"] == pytest.approx(expected, rel=0.1)
@@ -140,7 +141,7 @@ def test_dry_run_of_the_qwen3vl_2b_b3_recipe(tmp_path: Path) -> None:
     assert c["patches_per_image"] == 5120  # 1280 x 32 x 32 pixels of 16-px patches: 1280 merged tokens
     assert report["parameters"]["frozen"] == hf_parameters
     assert report["parameters"]["trained"] == dora_parameters(geometry, rank=8)
-    expected = FlopsModel(geometry, rank=8).padded_step(
+    expected = FlopsModel(geometry, rank=8, vision_passes=2).padded_step(
         sequences=c["batch_size"] + c["targets"], length=c["max_len"], patches=c["patches_per_image"]
     )
     assert report["flops_per_step"] == pytest.approx(expected, rel=0.1)
@@ -184,9 +185,10 @@ def test_packed_dry_run_on_the_builtin_profile(tmp_path: Path, tiny_geometry: Pa
     fixed, packed = (finish_dry_run(processes[k], runs[k]) for k in ("fixed", "packed"))
     assert (fixed["layout"], packed["layout"]) == ("fixed shapes", "packed")
     flops = FlopsModel(TINY, rank=8)  # the recipe's: DoRA r 8 with dropout, GradCache, remat
-    # Fixed shapes: no chunk loop to count, and the formula's padded step.
+    # Fixed shapes: no chunk loop to count, and the formula's padded step (its tower runs in both passes).
     assert fixed["flops_per_trip"] == 0 and fixed["flops_executed"] == fixed["flops_fixed"]
-    assert fixed["flops_executed"] == pytest.approx(flops.padded_step(sequences=2 * TINY_BATCH, length=1536, patches=5120), rel=0.05)
+    fixed_step = dataclasses.replace(flops, vision_passes=2).padded_step(sequences=2 * TINY_BATCH, length=1536, patches=5120)
+    assert fixed["flops_executed"] == pytest.approx(fixed_step, rel=0.05)
 
     # The trips, packed here from the same draws with the trainer's pack_record; shard_map counts
     # a chunk loop once per device, so the mean over the 8 devices (one shard each).
@@ -196,8 +198,9 @@ def test_packed_dry_run_on_the_builtin_profile(tmp_path: Path, tiny_geometry: Pa
     assert {b.subset for b in batches} == set(profile.subsets) == set(packed["profile"]["per_subset"])
     trips = sum(b.weight * shard_chunks(b, budget, 8).mean() for b in batches)
     assert packed["flops_executed"] == pytest.approx(packed["flops_fixed"] + packed["flops_per_trip"] * trips, rel=1e-9)
-    # A trip runs every row of the 8 devices' chunks in full, as if each row were one sequence.
-    chunk = budget.text_rows * flops.decoder(budget.text_len) + budget.vision_rows * flops.vision(budget.vision_patches)
+    # A trip runs every row of the 8 devices' chunks in full, as if each row were one sequence whose
+    # last layer computes every slot of the chunk; the tower once (its features kept for pass 2).
+    chunk = budget.text_rows * flops.decoder(budget.text_len, pooled=budget.slots) + budget.vision_rows * flops.vision(budget.vision_patches)
     assert packed["flops_per_trip"] == pytest.approx(8 * chunk, rel=0.05)
     assert budget.text_len <= 1536 and budget.vision_patches <= 5120
 

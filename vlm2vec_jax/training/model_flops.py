@@ -9,20 +9,23 @@ against the traced count of a padded step of full-length sequences.
 Per sequence of T tokens (text plus image tokens) with an image of P patches (P = 0 without one),
 with h the decoder's attention width (heads x head_dim: its hidden size, except in decoders like
 Qwen3-VL-4B's), L its layers, W the MACs of its fused linears per token (q, k, v, o, gate, up,
-down), R those of the rank-r adapters, and b = 2 where DoRA with dropout multiplies the dropped
-input by the base kernel again (else 1):
+down), split as W = Wqkv + Wrest, R those of the rank-r adapters (R = Rqkv + Rrest), and b = 2 where
+DoRA with dropout multiplies the dropped input by the base kernel again (else 1):
 
-    forward  F(T) = L T (b W + R + 2 T h)           attention: the T x T scores and their product with V
-    backward B(T) = L T (b W + 2 R + 4 T h)         activations only: the frozen kernels get no gradient
+    forward  F(T) = (L - 1) T (b W + R + 2 T h) + T (b Wqkv + Rqkv) + (b Wrest + Rrest + 2 T h)
+    backward B(T) = (L - 1) T (b W + 2 R + 4 T h) + T (b Wqkv + 2 Rqkv) + (b Wrest + 2 Rrest + 4 T h)
     vision   V(P) = P p d + D P (4 d^2 + k d m) + 2 P A(P) d + (P / u) (d u)^2 + (P / u) d u h
 
-(p = patch_dim, d = vision width, m = its MLP width with k matrices (2; Qwen2.5-VL's SwiGLU 3), D
-its depth, A(P) the patches a patch attends to summed over the blocks (D P; Qwen2.5-VL's window
-blocks one window each), u = merge units.) A step runs the
-decoder forward `1 + caching + remat` times (GradCache's first pass, its second, the recompute) and
-backward once, the frozen vision tower once per GradCache pass and never backward:
+The last decoder layer computes q, k and v for every token (keys and values are needed) and the
+rest for the pooled token only (`TextDecoder.pooled_states`). (p = patch_dim, d = vision width,
+m = its MLP width with k matrices (2; Qwen2.5-VL's SwiGLU 3), D its depth, A(P) the patches a patch
+attends to summed over the blocks (D P; Qwen2.5-VL's window blocks one window each), u = merge
+units.) A step runs the decoder forward `1 + caching + remat` times (GradCache's first pass, its
+second, the recompute) and backward once; the frozen tower runs forward only, and once: its
+features are the same in both GradCache passes (the packed step keeps them, `train.cache_vision`;
+`vision_passes=2` describes the fixed-shape step, which runs it in both):
 
-    FLOPs(sequence) = 2 x [(1 + caching + remat) F(T) + B(T) + (1 + caching) V(P)]
+    FLOPs(sequence) = 2 x [(1 + caching + remat) F(T) + B(T) + V(P)]
 
 The loss (a batch x batch matrix) and DoRA's per-call weight norms are left out (< 1% at the
 recipes' sizes).
@@ -47,6 +50,7 @@ class FlopsModel:
     base_passes: int = 2  # b: 2 for DoRA with dropout (the recipes), else 1
     caching: bool = True  # GradCache (train.gc_chunk_size > 0): a first forward without gradients
     remat: bool = True  # model.remat: the backward recomputes the forward
+    vision_passes: int = 1  # forwards of the frozen tower per sequence (2: the fixed-shape GradCache step)
 
     @classmethod
     def of(cls, config: ml_collections.ConfigDict, geometry: ModelConfig) -> FlopsModel:
@@ -62,19 +66,22 @@ class FlopsModel:
             caching=t.gc_chunk_size > 0, remat=bool(config.model.remat),
         )
 
-    def _decoder_terms(self) -> tuple[int, int, int, int]:
+    def _decoder_terms(self) -> tuple[int, tuple[int, int], tuple[int, int], int]:
+        """(layers, (Wqkv, Wrest), (Rqkv, Rrest), attention width h): the module docstring's terms."""
         t = self.geometry.text
         h, q, kv, inter = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
-        linears = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
-        adapters = self.rank * (2 * (h + q) + 2 * (h + kv) + 2 * (h + inter) + (inter + h))
+        linears = (h * (q + 2 * kv), q * h + 2 * h * inter + inter * h)
+        adapters = (self.rank * (2 * h + q + 2 * kv), self.rank * (q + h + 2 * (h + inter) + (inter + h)))
         return t.num_layers, linears, adapters, q
 
-    def decoder(self, tokens: np.ndarray | int) -> np.ndarray:
-        """FLOPs of the decoder for sequences of `tokens` tokens each (one value per sequence)."""
-        layers, w, r, h = self._decoder_terms()
-        n = np.asarray(tokens, np.float64)
-        forward = layers * n * (self.base_passes * w + r + 2 * n * h)
-        backward = layers * n * (self.base_passes * w + 2 * r + 4 * n * h)
+    def decoder(self, tokens: np.ndarray | int, pooled: int = 1) -> np.ndarray:
+        """FLOPs of the decoder for sequences (or packed rows) of `tokens` tokens each (one value per
+        sequence), `pooled` of whose tokens the last layer computes in full."""
+        layers, (w_qkv, w_rest), (r_qkv, r_rest), h = self._decoder_terms()
+        b, n = self.base_passes, np.asarray(tokens, np.float64)
+        w, r = w_qkv + w_rest, r_qkv + r_rest
+        forward = (layers - 1) * n * (b * w + r + 2 * n * h) + n * (b * w_qkv + r_qkv) + pooled * (b * w_rest + r_rest + 2 * n * h)
+        backward = (layers - 1) * n * (b * w + 2 * r + 4 * n * h) + n * (b * w_qkv + 2 * r_qkv) + pooled * (b * w_rest + 2 * r_rest + 4 * n * h)
         return 2.0 * ((1 + self.caching + self.remat) * forward + backward)
 
     def vision(self, patches: np.ndarray | int) -> np.ndarray:
@@ -85,7 +92,7 @@ class FlopsModel:
         merged = d * u
         tower = p * v.patch_dim * d + v.depth * p * (4 * d * d + v.mlp_matrices * d * v.mlp_dim) + 2 * p * v.attended_patches(p) * d
         tower += p / u * (merged * merged + merged * h)
-        return 2.0 * (1 + self.caching) * tower
+        return 2.0 * self.vision_passes * tower
 
     def sequences(self, tokens: np.ndarray, patches: np.ndarray) -> float:
         """Total FLOPs of a batch of sequences, each alone at its own length with its own image."""

@@ -73,22 +73,33 @@ def _scan_layers(stack: nnx.Module, step: Callable[[nnx.Module, Any, Any], Any],
     return carry
 
 
-def scan_stack(
-    stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, per_layer: Any = None, skip_last: bool = False
-) -> jnp.ndarray:
+def scan_stack(stack: nnx.Module, x: jnp.ndarray, *args: Any, remat: bool, per_layer: Any = None) -> jnp.ndarray:
     """Run x through the stacked layers with `lax.scan`: layer i gets `(x, *args)`, and its slice
     of `per_layer` (arrays with a leading layer axis) as a last argument when that is given;
     `remat` recomputes each layer's activations in the backward pass instead of storing them
-    (memory for compute). `skip_last`: the last layer passes its input through (`lax.cond`), for a
-    caller that runs it on its own (`layer_at`) without slicing, i.e. copying, the stack."""
-    depth = jax.tree.leaves(nnx.state(stack))[0].shape[0]
+    (memory for compute)."""
 
-    def step(layer: nnx.Module, h: jnp.ndarray, xs: tuple[Any, jnp.ndarray]) -> jnp.ndarray:
-        extra, index = xs
-        run = (lambda h: layer(h, *args)) if per_layer is None else (lambda h: layer(h, *args, extra))
-        return jax.lax.cond(index < depth - 1, run, lambda h: h, h) if skip_last else run(h)
+    def step(layer: nnx.Module, h: jnp.ndarray, extra: Any) -> jnp.ndarray:
+        return layer(h, *args) if per_layer is None else layer(h, *args, extra)
 
-    return _scan_layers(stack, step, x, (per_layer, jnp.arange(depth)), remat)
+    return _scan_layers(stack, step, x, per_layer, remat)
+
+
+def loop_stack(
+    stack: nnx.Module, x: jnp.ndarray, count: int, step: Callable[[nnx.Module, Any, jnp.ndarray], Any], *, remat: bool
+) -> Any:
+    """x through the first `count` layers of a stack: `x = step(layer i, x, i)`, each layer's slice
+    read in place by a dynamic index in a `fori_loop` (static bounds: a scan, differentiable).
+    Scanning over a slice of the stack would copy the stacked weights first; a trainable stack's
+    gradient gathers in one accumulator of its size instead. `remat` as in `scan_stack`."""
+    graphdef, state = nnx.split(stack)
+
+    def body(i: jnp.ndarray, h: Any) -> Any:
+        return step(nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), state)), h, i)
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.fori_loop(0, count, body, x)
 
 
 def layer_at(stack: nnx.Module, index: int) -> nnx.Module:

@@ -18,7 +18,7 @@ from vlm2vec_jax.models.attention import SegmentMask, attention
 from vlm2vec_jax.models.logical_axes import EMBED, FUSED, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, metadata
 from vlm2vec_jax.models.projection import Projection
 from vlm2vec_jax.models.qwen2_vl.config import TextConfig
-from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, create_stack, layer_at, linear, scan_stack
+from vlm2vec_jax.models.qwen2_vl.layers import RMSNorm, activation, create_stack, layer_at, linear, loop_stack, scan_stack
 from vlm2vec_jax.models.qwen2_vl.rope import apply_rotary, mrope
 
 
@@ -158,11 +158,10 @@ class TextDecoder(nnx.Module):
         pooled tokens: a row's last token, or each packed segment's), for training and inference
         alike: the last layer computes only those tokens (its output projection and MLP skip every
         other one, 1/L of the decoder's FLOPs; keys and values still cover the row). Layers
-        0 .. L-2 run in the scan over the whole stack, then the last layer from its own slice."""
+        0 .. L-2 run in a loop that indexes the stack in place (`loop_stack`), then the last
+        layer from its own slice."""
         mask, cos, sin = self._mask_and_rope(attention_mask, position_ids)
         last = self.cfg.num_layers - 1
-        x = scan_stack(
-            self.layers, embeds, mask, cos, sin, deepstack, remat=self.remat, per_layer=jnp.arange(last + 1), skip_last=True
-        )
+        x = loop_stack(self.layers, embeds, last, lambda layer, x, i: layer(x, mask, cos, sin, deepstack, i), remat=self.remat)
         final = layer_at(self.layers, last)(x, mask, cos, sin, deepstack, jnp.asarray(last), query_index=query_index)
         return self.norm(final)
