@@ -42,13 +42,12 @@ class VisionLanguageModel(nnx.Module):
         """(token embeddings with each image_pad replaced by its merged vision token, the tower's
         DeepStack features at the same places (levels, B, L, D), zero elsewhere, or None)."""
         embeds = self.language_model.embed_tokens(batch["input_ids"])
-        if "image_features" in batch:  # computed before (`image_features`): the tower does not run
-            image_tokens, deepstack = batch["image_features"], batch.get("deepstack_features")
-        else:
+        if "image_features" not in batch:  # else computed before (`image_features`): the tower does not run
             pixel_values = batch.get("pixel_values")
             if pixel_values is None or pixel_values.shape[0] == 0:  # static: text-only batch
                 return embeds, None
-            image_tokens, deepstack = self.visual.features(pixel_values, batch["patch_positions"], batch["patch_segment_ids"])
+            batch = {**batch, **self.image_features(batch)}
+        image_tokens, deepstack = batch["image_features"], batch.get("deepstack_features")
         index = batch["image_token_index"]
         is_image = (index >= 0)[..., None]
 

@@ -109,10 +109,9 @@ def packed_contrastive_grads(
 
     trips = jnp.max(packed["num_chunks"])
     frozen = jax.lax.stop_gradient(params)
-    if vision is None or first["patch_segment_ids"].shape[0] == 0:  # nothing to keep: no tower, or no images
-        vision = None
-        features = {}
-    else:  # a buffer of every chunk's features, by chunk (the capacity, C)
+    keeps_features = vision is not None and first["patch_segment_ids"].shape[0] > 0  # a frozen tower, and images
+    features = {}
+    if keeps_features:  # a buffer of every chunk's features, by chunk (the capacity, C)
         capacity = packed["patch_segment_ids"].shape[1]
         shapes = jax.eval_shape(vision, frozen, first)
         features = {k: varying(jnp.zeros((capacity, *s.shape), s.dtype)) for k, s in shapes.items()}
@@ -120,7 +119,7 @@ def packed_contrastive_grads(
     def pass1(c: jax.Array, carry: tuple[jax.Array, dict[str, jax.Array]]) -> tuple[jax.Array, dict[str, jax.Array]]:
         buffer, kept = carry
         chunk = packed_chunk(packed, c)
-        if vision is not None:
+        if keeps_features:
             computed = vision(frozen, chunk)
             kept = {k: jax.lax.dynamic_update_index_in_dim(kept[k], computed[k], c, 0) for k in kept}
             chunk = {**chunk, **computed}

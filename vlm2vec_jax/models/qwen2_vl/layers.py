@@ -95,7 +95,7 @@ def loop_stack(
     graphdef, state = nnx.split(stack)
 
     def body(i: jnp.ndarray, h: Any) -> Any:
-        return step(nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), state)), h, i)
+        return step(_layer_of(graphdef, state, i), h, i)
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
@@ -104,8 +104,12 @@ def loop_stack(
 
 def layer_at(stack: nnx.Module, index: int) -> nnx.Module:
     """Layer `index` of a stack as a module of its own (fresh variables: its slice of every array)."""
-    graphdef, state = nnx.split(stack)
-    return nnx.merge(graphdef, jax.tree.map(lambda p: p[index], state))
+    return _layer_of(*nnx.split(stack), index)
+
+
+def _layer_of(graphdef: nnx.GraphDef, state: nnx.State, index: int | jnp.ndarray) -> nnx.Module:
+    """The layer at `index` (static or traced) of a split stack: a dynamic index of every array."""
+    return nnx.merge(graphdef, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False), state))
 
 
 def scan_stack_capturing(
